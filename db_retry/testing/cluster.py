@@ -1,0 +1,529 @@
+"""Throwaway PostgreSQL clusters (a primary and streaming standbys) for tests and demos.
+
+Everything listens on 127.0.0.1 only. Server processes are started and stopped through
+``pg_ctl`` and, when a cluster is abandoned, stopped by the PID in ``postmaster.pid``;
+nothing is ever stopped by name.
+"""
+
+import asyncio
+import atexit
+import dataclasses
+import logging
+import os
+import pathlib
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import typing
+
+import asyncpg
+
+from db_retry.testing._binaries import find_postgres_bindir
+
+
+logger = logging.getLogger(__name__)
+
+RUN_AS_ENV: typing.Final = "DB_RETRY_PG_USER"
+DEFAULT_RUN_AS: typing.Final = "postgres"
+HOST: typing.Final = "127.0.0.1"
+SUPERUSER: typing.Final = "postgres"
+DATABASE: typing.Final = "postgres"
+StopMode = typing.Literal["smart", "fast", "immediate"]
+
+# Settings for speed and for the faults the kit injects; durability is not a goal of a throwaway cluster.
+_SERVER_SETTINGS: typing.Final = {
+    "listen_addresses": f"'{HOST}'",
+    "unix_socket_directories": "''",
+    "max_connections": "100",
+    "shared_buffers": "32MB",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "wal_keep_size": "128MB",
+    "hot_standby": "on",
+    "hot_standby_feedback": "on",
+    "wal_receiver_status_interval": "1s",
+    "wal_retrieve_retry_interval": "200ms",
+    "checkpoint_timeout": "30min",
+    "max_prepared_transactions": "10",
+    "log_min_messages": "warning",
+    "log_line_prefix": "'%m [%p] %q%u@%d '",
+    "deadlock_timeout": "100ms",
+}
+
+
+class ClusterError(RuntimeError):
+    """A server of the test kit failed to start, stop or answer; the message carries its log tail."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Account:
+    """Who runs the server processes: the current user, or an unprivileged account when we are root."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def resolve(cls, run_as: str | None) -> "_Account":
+        if os.geteuid() != 0:
+            return cls(uid=os.geteuid(), gid=os.getegid(), name=pwd.getpwuid(os.geteuid()).pw_name)
+        name = run_as or os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            msg = (
+                f"PostgreSQL refuses to run as root and the account {name!r} does not exist: "
+                f"create it (`useradd --system --user-group {name}`) or set {RUN_AS_ENV} to an existing "
+                "unprivileged account"
+            )
+            raise ClusterError(msg) from None
+        if entry.pw_uid == 0:
+            msg = f"{RUN_AS_ENV}={name!r} is root; PostgreSQL needs an unprivileged account"
+            raise ClusterError(msg)
+        return cls(uid=entry.pw_uid, gid=entry.pw_gid, name=name)
+
+    @property
+    def is_current(self) -> bool:
+        return self.uid == os.geteuid()
+
+    def run(self, args: typing.Sequence[str | os.PathLike[str]], *, cwd: pathlib.Path) -> str:
+        """Run a PostgreSQL program as this account and return its output; raise with that output on failure."""
+        kwargs: dict[str, typing.Any] = {}
+        if not self.is_current:
+            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PGHOST": HOST}
+        env.pop("PGDATA", None)
+        completed = subprocess.run(  # noqa: S603 - the programs come from the located PostgreSQL bindir
+            [os.fspath(arg) for arg in args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            **kwargs,
+        )
+        output = completed.stdout + completed.stderr
+        if completed.returncode != 0:
+            msg = f"{pathlib.Path(args[0]).name} exited with {completed.returncode}: {output.strip()}"
+            raise ClusterError(msg)
+        return output
+
+    def own(self, path: pathlib.Path) -> None:
+        if self.is_current:
+            return
+        os.chown(path, self.uid, self.gid)
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)  # noqa: PTH206
+
+
+_PROCFS: typing.Final = pathlib.Path("/proc")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped by init counts as gone)."""
+    if not _PROCFS.exists():  # pragma: no cover - macOS and BSDs: signal 0 (a zombie still counts as alive)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        stat = (_PROCFS / str(pid) / "stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class PostgresNode:
+    """One PostgreSQL server of a :class:`PostgresCluster`."""
+
+    name: str
+    port: int
+    data_dir: pathlib.Path
+    log_path: pathlib.Path
+    bindir: pathlib.Path
+    account: _Account = dataclasses.field(repr=False)
+    host: str = HOST
+    user: str = SUPERUSER
+    database: str = DATABASE
+
+    def __post_init__(self) -> None:
+        self._ctl_lock = threading.Lock()
+
+    # -- addresses ---------------------------------------------------------
+    def dsn(self, *, driver: str | None = None, database: str | None = None) -> str:
+        """A URL DSN: ``postgresql://...`` (asyncpg, psycopg, libpq) or ``postgresql+DRIVER://...`` (SQLAlchemy)."""
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{self.user}@{self.host}:{self.port}/{database or self.database}"
+
+    def conninfo(self, *, database: str | None = None) -> str:
+        """A libpq key/value connection string, as psycopg takes it."""
+        return f"host={self.host} port={self.port} user={self.user} dbname={database or self.database}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- process control -----------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's PID while the server runs, else ``None``."""
+        try:
+            first_line = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+        except FileNotFoundError:
+            return None
+        pid = int(first_line)
+        return pid if _alive(pid) else None
+
+    @property
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def _ctl(self, *args: str) -> str:
+        with self._ctl_lock:
+            try:
+                return self.account.run(
+                    [self.bindir / "pg_ctl", "-D", self.data_dir, *args], cwd=self.data_dir.parent
+                )
+            except ClusterError as exc:
+                msg = f"{self.name} ({self.address}): {exc}\n--- server log ---\n{self.log_tail()}"
+                raise ClusterError(msg) from exc
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start the server and, by default, wait until it accepts connections."""
+        args = ["-l", os.fspath(self.log_path), "-t", "60", "-w" if wait else "-W", "start"]
+        self._ctl(*args)
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Stop the server: ``fast`` (roll back, disconnect), ``smart`` or ``immediate`` (a crash)."""
+        if self.is_running:
+            self._ctl("-m", mode, "-t", "60", "-w", "stop")
+
+    def restart(self, mode: StopMode = "fast") -> None:
+        """Stop with ``mode`` and start again, waiting until the server accepts connections."""
+        self.stop(mode)
+        self.start()
+
+    def promote(self) -> None:
+        """Promote this standby to a primary and wait until it accepts writes."""
+        self._ctl("-t", "60", "-w", "promote")
+
+    def kill(self) -> None:
+        """Stop the server as a crash would, by its PID (``SIGQUIT`` to the postmaster, through ``pg_ctl kill``)."""
+        pid = self.pid
+        if pid is not None:
+            self._ctl("kill", "QUIT", str(pid))
+            self._wait_gone(pid)
+
+    def _wait_gone(self, pid: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.02)
+        msg = f"{self.name}: postmaster {pid} still alive {timeout}s after SIGQUIT"  # pragma: no cover
+        raise ClusterError(msg)  # pragma: no cover
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log yet)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- queries -------------------------------------------------------------
+    async def connect(self, **kwargs: typing.Any) -> "asyncpg.Connection[asyncpg.Record]":
+        """A plain asyncpg connection to this node (as the superuser)."""
+        kwargs.setdefault("timeout", 10)
+        connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(), **kwargs)
+        return connection
+
+    async def fetchval(self, query: str, *args: object) -> typing.Any:
+        connection = await self.connect()
+        try:
+            return await connection.fetchval(query, *args)
+        finally:
+            await connection.close()
+
+    async def execute(self, query: str, *args: object) -> str:
+        connection = await self.connect()
+        try:
+            status: str = await connection.execute(query, *args)
+            return status
+        finally:
+            await connection.close()
+
+    async def is_in_recovery(self) -> bool:
+        return bool(await self.fetchval("SELECT pg_is_in_recovery()"))
+
+    async def role(self) -> typing.Literal["primary", "standby"]:
+        return "standby" if await self.is_in_recovery() else "primary"
+
+
+class _Template:
+    """One ``initdb`` per bindir and account for the whole process; clusters copy it."""
+
+    _lock = threading.Lock()
+    _made: typing.ClassVar[dict[tuple[pathlib.Path, int], pathlib.Path]] = {}
+
+    @classmethod
+    def get(cls, bindir: pathlib.Path, account: _Account, root: pathlib.Path) -> pathlib.Path:
+        key = (bindir, account.uid)
+        with cls._lock:
+            if key not in cls._made:
+                template = root / "template"
+                template.mkdir(mode=0o700)
+                account.own(template)
+                account.run(
+                    [
+                        bindir / "initdb",
+                        "-D",
+                        template,
+                        "-U",
+                        SUPERUSER,
+                        "-A",
+                        "trust",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                        "--no-sync",
+                        "--no-instructions",
+                    ],
+                    cwd=root,
+                )
+                settings = "".join(f"{key} = {value}\n" for key, value in _SERVER_SETTINGS.items())
+                with (template / "postgresql.conf").open("a") as conf:
+                    conf.write("\n# db-retry test kit\n" + settings)
+                cls._made[key] = template
+            return cls._made[key]
+
+
+_ROOT_LOCK = threading.Lock()
+_root: pathlib.Path | None = None
+_live: "set[PostgresCluster]" = set()
+
+
+def _kit_root(account: _Account) -> pathlib.Path:
+    """A per-process directory, owned by the server account, holding the template and every cluster."""
+    global _root  # noqa: PLW0603
+    with _ROOT_LOCK:
+        if _root is None or not _root.exists():
+            _root = pathlib.Path(tempfile.mkdtemp(prefix="db-retry-pg-"))
+            os.chmod(_root, 0o755)  # noqa: PTH101 - the server account must traverse it
+            account.own(_root)
+        return _root
+
+
+class PostgresCluster:
+    """A primary and ``standbys`` streaming standbys on free loopback ports, made from a cached template.
+
+    Use as a context manager (sync) or call :meth:`start` / :meth:`stop`. Servers left running are
+    stopped at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        standbys: int = 0,
+        bindir: str | os.PathLike[str] | None = None,
+        run_as: str | None = None,
+        name: str = "pg",
+    ) -> None:
+        if standbys < 0:
+            msg = f"standbys must be >= 0, got {standbys}"
+            raise ValueError(msg)
+        self.standby_count = standbys
+        self.bindir = find_postgres_bindir(bindir)
+        self.account = _Account.resolve(run_as)
+        self.name = name
+        self.nodes: list[PostgresNode] = []
+        self.directory: pathlib.Path | None = None
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        nodes = ", ".join(f"{node.name}@{node.address}" for node in self.nodes)
+        return f"PostgresCluster({self.name!r}, [{nodes}])"
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> "PostgresCluster":
+        root = _kit_root(self.account)
+        template = _Template.get(self.bindir, self.account, root)
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=root))
+        os.chmod(self.directory, 0o755)  # noqa: PTH101
+        self.account.own(self.directory)
+        _live.add(self)
+        try:
+            primary = self._new_node("primary")
+            shutil.copytree(template, primary.data_dir, symlinks=True)
+            self.account.own(primary.data_dir)
+            self._start_on_free_port(primary)
+            self.nodes.append(primary)
+            for _ in range(self.standby_count):
+                self.add_standby()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every server (fast, then immediate if need be) and remove the data directories."""
+        for node in reversed(self.nodes):
+            try:
+                node.stop("fast")
+            except ClusterError:  # pragma: no cover - a wedged server; crash it instead
+                node.kill()
+        self.nodes.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+        _live.discard(self)
+
+    def __enter__(self) -> "PostgresCluster":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _new_node(self, role: str) -> PostgresNode:
+        if self.directory is None:
+            msg = f"{self!r} is not started"
+            raise ClusterError(msg)
+        if role == "standby":
+            self._counter += 1
+            role = f"standby{self._counter}"
+        name = role
+        return PostgresNode(
+            name=name,
+            port=0,
+            data_dir=self.directory / name,
+            log_path=self.directory / f"{name}.log",
+            bindir=self.bindir,
+            account=self.account,
+        )
+
+    def _start_on_free_port(self, node: PostgresNode, attempts: int = 5) -> None:
+        for attempt in range(1, attempts + 1):
+            node.port = free_port()
+            with (node.data_dir / "postgresql.conf").open("a") as conf:
+                conf.write(f"port = {node.port}\n")
+            try:
+                node.start()
+            except ClusterError:
+                # Another process took the port between our probe and the bind: pick another.
+                if attempt == attempts or "could not bind" not in node.log_tail():
+                    raise
+                continue  # pragma: no cover - needs a port race with another process
+            return
+
+    def add_standby(self, *, upstream: PostgresNode | None = None) -> PostgresNode:
+        """Clone ``upstream`` (default: the primary) with ``pg_basebackup -R`` and start it as a streaming standby."""
+        source = upstream or self.primary
+        node = self._new_node("standby")
+        self.account.run(
+            [
+                self.bindir / "pg_basebackup",
+                "-h",
+                source.host,
+                "-p",
+                str(source.port),
+                "-U",
+                SUPERUSER,
+                "-D",
+                node.data_dir,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            cwd=node.data_dir.parent,
+        )
+        self._start_on_free_port(node)
+        self.nodes.append(node)
+        return node
+
+    # -- accessors -------------------------------------------------------------
+    @property
+    def primary(self) -> PostgresNode:
+        return self.nodes[0]
+
+    @property
+    def standbys(self) -> list[PostgresNode]:
+        return self.nodes[1:]
+
+    def multihost_dsn(
+        self,
+        nodes: typing.Iterable[PostgresNode] | None = None,
+        *,
+        driver: str | None = "asyncpg",
+        target_session_attrs: str | None = None,
+        database: str = DATABASE,
+        extra_hosts: typing.Iterable[str] = (),
+    ) -> str:
+        """A multi-host DSN in SQLAlchemy's form: ``postgresql+asyncpg://postgres@/db?host=h:p&host=h:p``.
+
+        ``extra_hosts`` adds ``host:port`` entries that are not nodes (a hanging listener, a refused port).
+        """
+        chosen = list(self.nodes if nodes is None else nodes)
+        addresses = [node.address for node in chosen] + list(extra_hosts)
+        if not addresses:
+            msg = "multihost_dsn needs at least one host"
+            raise ValueError(msg)
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        query = "&".join(f"host={address}" for address in addresses)
+        if target_session_attrs is not None:
+            query += f"&target_session_attrs={target_session_attrs}"
+        return f"{scheme}://{SUPERUSER}@/{database}?{query}"
+
+    async def wait_for_replay(self, standby: PostgresNode | None = None, *, timeout: float = 30.0) -> None:
+        """Wait until ``standby`` (default: all) has replayed everything the primary has written so far."""
+        targets = [standby] if standby is not None else self.standbys
+        target_lsn = await self.primary.fetchval("SELECT pg_current_wal_insert_lsn()")
+        deadline = asyncio.get_running_loop().time() + timeout
+        for node in targets:
+            connection = await node.connect()
+            try:
+                while not await connection.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target_lsn):
+                    if asyncio.get_running_loop().time() > deadline:
+                        msg = f"{node.name} did not replay up to {target_lsn} within {timeout}s\n{node.log_tail()}"
+                        raise ClusterError(msg)
+                    await asyncio.sleep(0.01)
+            finally:
+                await connection.close()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for cluster in list(_live):  # pragma: no cover - runs only for clusters a program forgot to stop
+        logger.warning("stopping %r left running at exit", cluster)
+        cluster.stop()
+    if _root is not None:
+        shutil.rmtree(_root, ignore_errors=True)
