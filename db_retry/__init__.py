@@ -1,1 +1,25 @@
-"""db-retry."""
+"""Async PostgreSQL reliability for SQLAlchemy + asyncpg: retries, multi-host failover, transactions."""
+
+from db_retry.connections import NoHostAvailableError, build_connection_factory
+from db_retry.dsn import DSNError, build_db_dsn, is_dsn_multihost
+from db_retry.retriable import ErrorKind, is_retriable
+from db_retry.retry import RetryEvent, postgres_retry, wait_for_error
+from db_retry.settings import SettingsError
+from db_retry.transaction import CommitOutcomeUnknownError, Transaction
+
+
+__all__ = [
+    "CommitOutcomeUnknownError",
+    "DSNError",
+    "ErrorKind",
+    "NoHostAvailableError",
+    "RetryEvent",
+    "SettingsError",
+    "Transaction",
+    "build_connection_factory",
+    "build_db_dsn",
+    "is_dsn_multihost",
+    "is_retriable",
+    "postgres_retry",
+    "wait_for_error",
+]
