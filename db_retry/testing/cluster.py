@@ -72,7 +72,12 @@ class _Account:
     @classmethod
     def resolve(cls, run_as: str | None) -> "_Account":
         if os.geteuid() != 0:
-            return cls(uid=os.geteuid(), gid=os.getegid(), name=pwd.getpwuid(os.geteuid()).pw_name)
+            uid = os.geteuid()
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:  # an arbitrary uid with no passwd entry, as some container platforms run
+                name = str(uid)
+            return cls(uid=uid, gid=os.getegid(), name=name)
         name = run_as or os.environ.get(RUN_AS_ENV) or DEFAULT_RUN_AS
         try:
             entry = pwd.getpwnam(name)
@@ -109,7 +114,7 @@ class _Account:
             timeout=120,
             **kwargs,
         )
-        output = completed.stdout + completed.stderr
+        output: str = completed.stdout + completed.stderr
         if completed.returncode != 0:
             msg = f"{pathlib.Path(args[0]).name} exited with {completed.returncode}: {output.strip()}"
             raise ClusterError(msg)
@@ -121,7 +126,7 @@ class _Account:
         os.chown(path, self.uid, self.gid)
         for root, dirs, files in os.walk(path):
             for name in (*dirs, *files):
-                os.chown(os.path.join(root, name), self.uid, self.gid, follow_symlinks=False)  # noqa: PTH206
+                os.chown(pathlib.Path(root, name), self.uid, self.gid, follow_symlinks=False)
 
 
 _PROCFS: typing.Final = pathlib.Path("/proc")
@@ -140,6 +145,16 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _read_from(path: pathlib.Path, offset: int) -> str:
+    """What was appended to ``path`` after its first ``offset`` bytes (``""`` if there is no such file)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def free_port() -> int:
@@ -196,10 +211,11 @@ class PostgresNode:
     def pid(self) -> int | None:
         """The postmaster's PID while the server runs, else ``None``."""
         try:
-            first_line = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
         except FileNotFoundError:
             return None
-        pid = int(first_line)
+        except ValueError:  # the postmaster created the file and has not written its PID yet
+            return None
         return pid if _alive(pid) else None
 
     @property
@@ -209,9 +225,7 @@ class PostgresNode:
     def _ctl(self, *args: str) -> str:
         with self._ctl_lock:
             try:
-                return self.account.run(
-                    [self.bindir / "pg_ctl", "-D", self.data_dir, *args], cwd=self.data_dir.parent
-                )
+                return self.account.run([self.bindir / "pg_ctl", "-D", self.data_dir, *args], cwd=self.data_dir.parent)
             except ClusterError as exc:
                 msg = f"{self.name} ({self.address}): {exc}\n--- server log ---\n{self.log_tail()}"
                 raise ClusterError(msg) from exc
@@ -259,13 +273,13 @@ class PostgresNode:
         return "\n".join(text.splitlines()[-lines:])
 
     # -- queries -------------------------------------------------------------
-    async def connect(self, **kwargs: typing.Any) -> "asyncpg.Connection[asyncpg.Record]":
+    async def connect(self, **kwargs: object) -> "asyncpg.Connection[asyncpg.Record]":
         """A plain asyncpg connection to this node (as the superuser)."""
         kwargs.setdefault("timeout", 10)
         connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(), **kwargs)
         return connection
 
-    async def fetchval(self, query: str, *args: object) -> typing.Any:
+    async def fetchval(self, query: str, *args: object) -> typing.Any:  # noqa: ANN401 - the query decides the type
         connection = await self.connect()
         try:
             return await connection.fetchval(query, *args)
@@ -297,9 +311,8 @@ class _Template:
     def get(cls, bindir: pathlib.Path, account: _Account, root: pathlib.Path) -> pathlib.Path:
         key = (bindir, account.uid)
         with cls._lock:
-            if key not in cls._made:
-                template = root / "template"
-                template.mkdir(mode=0o700)
+            if key not in cls._made or not cls._made[key].exists():
+                template = pathlib.Path(tempfile.mkdtemp(prefix="template-", dir=root))
                 account.own(template)
                 account.run(
                     [
@@ -336,7 +349,7 @@ def _kit_root(account: _Account) -> pathlib.Path:
     with _ROOT_LOCK:
         if _root is None or not _root.exists():
             _root = pathlib.Path(tempfile.mkdtemp(prefix="db-retry-pg-"))
-            os.chmod(_root, 0o755)  # noqa: PTH101 - the server account must traverse it
+            os.chmod(_root, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
             account.own(_root)
         return _root
 
@@ -372,11 +385,14 @@ class PostgresCluster:
         return f"PostgresCluster({self.name!r}, [{nodes}])"
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self) -> "PostgresCluster":
+    def start(self) -> typing.Self:
+        if self.directory is not None:
+            msg = f"{self!r} is already started"
+            raise ClusterError(msg)
         root = _kit_root(self.account)
         template = _Template.get(self.bindir, self.account, root)
         self.directory = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=root))
-        os.chmod(self.directory, 0o755)  # noqa: PTH101
+        os.chmod(self.directory, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
         self.account.own(self.directory)
         _live.add(self)
         try:
@@ -405,7 +421,7 @@ class PostgresCluster:
             self.directory = None
         _live.discard(self)
 
-    def __enter__(self) -> "PostgresCluster":
+    def __enter__(self) -> typing.Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -429,18 +445,21 @@ class PostgresCluster:
         )
 
     def _start_on_free_port(self, node: PostgresNode, attempts: int = 5) -> None:
-        for attempt in range(1, attempts + 1):
+        """Start ``node`` on a free port; if another process takes the port before the server binds it, try another."""
+        attempt = 1
+        while True:
             node.port = free_port()
             with (node.data_dir / "postgresql.conf").open("a") as conf:
                 conf.write(f"port = {node.port}\n")
+            log_offset = node.log_path.stat().st_size if node.log_path.exists() else 0
             try:
                 node.start()
             except ClusterError:
-                # Another process took the port between our probe and the bind: pick another.
-                if attempt == attempts or "could not bind" not in node.log_tail():
+                if attempt >= attempts or "could not bind" not in _read_from(node.log_path, log_offset):
                     raise
-                continue  # pragma: no cover - needs a port race with another process
-            return
+                attempt += 1
+            else:
+                return
 
     def add_standby(self, *, upstream: PostgresNode | None = None) -> PostgresNode:
         """Clone ``upstream`` (default: the primary) with ``pg_basebackup -R`` and start it as a streaming standby."""
@@ -473,6 +492,9 @@ class PostgresCluster:
     # -- accessors -------------------------------------------------------------
     @property
     def primary(self) -> PostgresNode:
+        if not self.nodes:
+            msg = f"{self!r} is not started"
+            raise ClusterError(msg)
         return self.nodes[0]
 
     @property
