@@ -1,0 +1,134 @@
+"""pytest fixtures that start real PostgreSQL servers from the test kit.
+
+Installed as the ``db_retry`` pytest plugin (a ``pytest11`` entry point), so every project with
+``db-retry`` installed can request these fixtures. Loading the plugin starts nothing: a server
+starts only when a test requests one of the fixtures.
+
+- ``pg_cluster`` (session): a primary and one streaming standby, stopped at the end of the session.
+- ``pg_dsn`` (session): a ``postgresql+asyncpg://`` URL of that primary, or of ``DB_DSN`` when set.
+- ``fresh_cluster`` (function): a factory of new clusters for tests that stop, crash or promote servers.
+
+When ``DB_DSN`` names an external server, the kit starts nothing: ``pg_dsn`` points at that server
+and tests that need the kit's own servers are skipped with the reason. When a test that used a kit
+cluster fails, the tail of each server's log is attached to its report.
+"""
+
+import collections.abc
+import contextlib
+import os
+import typing
+
+import pytest
+import sqlalchemy
+
+from db_retry.testing.cluster import PostgresCluster
+
+
+__all__ = [
+    "DSN_ENV",
+    "FRESH_SKIP_REASON",
+    "STANDBY_SKIP_REASON",
+    "ClusterFactory",
+    "external_dsn",
+    "fresh_cluster",
+    "pg_cluster",
+    "pg_dsn",
+]
+
+DSN_ENV: typing.Final = "DB_DSN"
+STANDBY_SKIP_REASON: typing.Final = (
+    f"needs a streaming standby from the test kit; {DSN_ENV} points at a single external server"
+)
+FRESH_SKIP_REASON: typing.Final = (
+    f"needs a throwaway cluster from the test kit (it stops, crashes or promotes servers); "
+    f"{DSN_ENV} points at a single external server"
+)
+_ASYNCPG_DRIVER: typing.Final = "postgresql+asyncpg"
+_BARE_SCHEMES: typing.Final = frozenset({"postgresql", "postgres"})
+# Fixtures whose value comes from the session cluster: a failing test that used one gets its logs.
+_SESSION_FIXTURES: typing.Final = frozenset({"pg_cluster", "pg_dsn"})
+
+_session_cluster_key: typing.Final = pytest.StashKey[PostgresCluster]()
+_test_clusters_key: typing.Final = pytest.StashKey[list[PostgresCluster]]()
+
+
+class ClusterFactory(typing.Protocol):
+    """What ``fresh_cluster`` gives a test: call it to start a new cluster, stopped after the test."""
+
+    def __call__(self, standbys: int = 0) -> PostgresCluster: ...
+
+
+def external_dsn() -> str | None:
+    """``DB_DSN`` as a SQLAlchemy asyncpg URL (``postgresql://`` becomes ``postgresql+asyncpg://``), or ``None``."""
+    value = os.environ.get(DSN_ENV)
+    if not value:
+        return None
+    url = sqlalchemy.make_url(value)
+    if url.drivername in _BARE_SCHEMES:
+        url = url.set(drivername=_ASYNCPG_DRIVER)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[PostgresCluster]:
+    """A started primary with one streaming standby, shared by the session; skipped when ``DB_DSN`` is set."""
+    if os.environ.get(DSN_ENV):
+        pytest.skip(STANDBY_SKIP_REASON)
+    cluster = PostgresCluster(standbys=1, name="session")
+    cluster.start()
+    request.config.stash[_session_cluster_key] = cluster
+    try:
+        yield cluster
+    finally:
+        del request.config.stash[_session_cluster_key]
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(request: pytest.FixtureRequest) -> str:
+    """A ``postgresql+asyncpg://`` URL of the session primary, or of the external server ``DB_DSN`` names."""
+    external = external_dsn()
+    if external is not None:
+        return external
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    return cluster.primary.dsn(driver="asyncpg")
+
+
+@pytest.fixture
+def fresh_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[ClusterFactory]:
+    """A factory of new clusters (``fresh_cluster(standbys=0)``); each one is stopped when the test ends."""
+    if os.environ.get(DSN_ENV):
+        pytest.skip(FRESH_SKIP_REASON)
+    made = request.node.stash.setdefault(_test_clusters_key, [])
+    with contextlib.ExitStack() as stack:
+
+        def factory(standbys: int = 0) -> PostgresCluster:
+            cluster = PostgresCluster(standbys=standbys, name=f"fresh{len(made) + 1}")
+            # Registered before start: a cluster that fails half-way is stopped too.
+            stack.callback(cluster.stop)
+            made.append(cluster)
+            return cluster.start()
+
+        yield factory
+
+
+def _clusters_used_by(item: pytest.Item) -> list[PostgresCluster]:
+    clusters = list(item.stash.get(_test_clusters_key, None) or ())
+    session_cluster = item.config.stash.get(_session_cluster_key, None)
+    if session_cluster is not None and _SESSION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        clusters.insert(0, session_cluster)
+    return clusters
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> collections.abc.Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the server log tails of the clusters a failed test used to its report."""
+    report = yield
+    if report.failed:
+        for cluster in _clusters_used_by(item):
+            for node in cluster.nodes:
+                title = f"server log {cluster.name}/{node.name} ({node.address})"
+                report.sections.append((title, node.log_tail()))
+    return report
