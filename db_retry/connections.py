@@ -132,7 +132,13 @@ class ConnectionPlan:
         for key in _HOST_KEYS:
             query.pop(key, None)
         # SQLAlchemy's asyncpg dialect turns the rest (user, password, database, ssl, ...) into connect args.
-        bare = parsed.set(drivername="postgresql+asyncpg", host=None, port=None, query=query)
+        bare = sa.URL.create(
+            "postgresql+asyncpg",
+            username=parsed.username,
+            password=parsed.password,
+            database=parsed.database,
+            query=query,
+        )
         connect_args = PGDialect_asyncpg().create_connect_args(bare)[1]  # type: ignore[no-untyped-call]
         return cls(
             connect_args=connect_args,

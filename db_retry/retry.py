@@ -320,7 +320,9 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             except Exception as exc:
                 if policy.retried_kind(exc) is None:
                     raise
-                return await policy.run(exc, functools.partial(f, *args, **kwargs))
+                first_error = exc
+            # Outside the ``except`` block, so later attempts' errors do not get the first one as context.
+            return await policy.run(first_error, functools.partial(f, *args, **kwargs))
 
         return retrying
 

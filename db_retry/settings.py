@@ -22,7 +22,7 @@ class RetrySettings(BaseSettings):
     Durations are in seconds.
     """
 
-    model_config = SettingsConfigDict(env_prefix="DB_RETRY_", case_sensitive=True, frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(case_sensitive=True, frozen=True, extra="ignore")
 
     retries_number: int = pydantic.Field(
         default=3,
@@ -30,16 +30,32 @@ class RetrySettings(BaseSettings):
         validation_alias=pydantic.AliasChoices(RETRIES_ENV, LEGACY_RETRIES_ENV),
         description="Total attempts, the first call included.",
     )
-    conflict_delay: float = pydantic.Field(default=0.005, gt=0, description="Base wait after 40001/40P01.")
-    conflict_max_delay: float = pydantic.Field(default=0.1, gt=0, description="Cap of one wait after a conflict.")
-    outage_delay: float = pydantic.Field(default=0.02, gt=0, description="Base wait after a lost server.")
-    outage_max_delay: float = pydantic.Field(default=0.2, gt=0, description="Cap of one wait after a lost server.")
+    conflict_delay: float = pydantic.Field(
+        validation_alias="DB_RETRY_CONFLICT_DELAY", default=0.005, gt=0, description="Base wait after 40001/40P01."
+    )
+    conflict_max_delay: float = pydantic.Field(
+        validation_alias="DB_RETRY_CONFLICT_MAX_DELAY",
+        default=0.1,
+        gt=0,
+        description="Cap of one wait after a conflict.",
+    )
+    outage_delay: float = pydantic.Field(
+        validation_alias="DB_RETRY_OUTAGE_DELAY", default=0.02, gt=0, description="Base wait after a lost server."
+    )
+    outage_max_delay: float = pydantic.Field(
+        validation_alias="DB_RETRY_OUTAGE_MAX_DELAY",
+        default=0.2,
+        gt=0,
+        description="Cap of one wait after a lost server.",
+    )
     outage_timeout: float = pydantic.Field(
+        validation_alias="DB_RETRY_OUTAGE_TIMEOUT",
         default=15.0,
         ge=0,
         description="How long to keep waiting for an unreachable server; those attempts do not count in retries.",
     )
     timeout: float | None = pydantic.Field(
+        validation_alias="DB_RETRY_TIMEOUT",
         default=None,
         gt=0,
         description="Time budget of the retries of one call, from its first failure.",

@@ -55,7 +55,8 @@ def _held_connections(session: sa_async.AsyncSession) -> list[sa.Connection]:
     """
     transaction = session.sync_session.get_transaction()
     held: typing.Mapping[object, tuple[typing.Any, ...]] = getattr(transaction, "_connections", {})
-    return [entry[0] for entry in held.values()]
+    unique = {id(entry[0]): entry[0] for entry in held.values()}  # keyed by engine and by connection: dedupe
+    return list(unique.values())
 
 
 def _is_aborted(connection: sa.Connection) -> bool:

@@ -1,0 +1,129 @@
+"""Pure classification tables: which errors are transient, and of which kind."""
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+
+from db_retry.retriable import ErrorKind, classify, is_retriable, sqlstate_of, sqlstate_on_chain
+
+
+class _Coded(Exception):
+    """Any driver's error carrying a SQLSTATE (psycopg and asyncpg both expose ``sqlstate``)."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "kind"),
+    [
+        ("40001", ErrorKind.CONFLICT),
+        ("40P01", ErrorKind.CONFLICT),
+        ("08000", ErrorKind.OUTAGE),
+        ("08003", ErrorKind.OUTAGE),
+        ("08006", ErrorKind.OUTAGE),
+        ("08001", ErrorKind.OUTAGE),
+        ("57P01", ErrorKind.OUTAGE),
+        ("57P02", ErrorKind.OUTAGE),
+        ("25006", ErrorKind.OUTAGE),
+        ("57P03", ErrorKind.UNAVAILABLE),
+        ("53300", ErrorKind.UNAVAILABLE),
+        ("08007", ErrorKind.AMBIGUOUS),
+        # Deliberately not transient (architecture/retriable.md says why).
+        ("40002", None),
+        ("40003", None),
+        ("25P02", None),
+        ("23505", None),
+        ("42P01", None),
+        ("57014", None),
+        ("28P01", None),
+    ],
+)
+def test_sqlstate_table(sqlstate: str, kind: ErrorKind | None) -> None:
+    assert classify(_Coded(sqlstate)) is kind
+    assert is_retriable(_Coded(sqlstate)) is (kind in {ErrorKind.CONFLICT, ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE})
+
+
+def test_real_asyncpg_exception_classes_carry_their_codes() -> None:
+    assert classify(asyncpg.SerializationError("x")) is ErrorKind.CONFLICT
+    assert classify(asyncpg.DeadlockDetectedError("x")) is ErrorKind.CONFLICT
+    assert classify(asyncpg.ConnectionDoesNotExistError("x")) is ErrorKind.OUTAGE
+    assert classify(asyncpg.CannotConnectNowError("x")) is ErrorKind.UNAVAILABLE
+    assert classify(asyncpg.UniqueViolationError("x")) is None
+
+
+def _wrapped_by_sqlalchemy(error: Exception) -> sa.exc.DBAPIError:
+    """What SQLAlchemy's asyncpg dialect raises: DBAPIError -> adapted error -> asyncpg error."""
+    try:
+        try:
+            raise error
+        except Exception as driver_error:
+            adapted = AsyncAdapt_asyncpg_dbapi.Error(str(driver_error))  # type: ignore[no-untyped-call]
+            raise adapted from driver_error
+    except Exception as adapted_error:
+        return sa.exc.DBAPIError("SELECT 1", None, adapted_error)
+
+
+def test_walks_through_sqlalchemy_wrappers() -> None:
+    wrapped = _wrapped_by_sqlalchemy(asyncpg.SerializationError("conflict"))
+    assert classify(wrapped) is ErrorKind.CONFLICT
+    assert sqlstate_on_chain(wrapped) == "40001"
+
+
+def test_invalidated_connection_is_an_outage() -> None:
+    error = sa.exc.DBAPIError("SELECT 1", None, Exception("connection is closed"), connection_invalidated=True)
+    assert classify(error) is ErrorKind.OUTAGE
+    assert classify(sa.exc.DBAPIError("SELECT 1", None, Exception("boom"))) is None
+
+
+@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "refused"), ConnectionResetError(104, "reset")])
+def test_socket_errors_while_connecting_mean_unavailable(error: OSError) -> None:
+    assert classify(error) is ErrorKind.UNAVAILABLE
+
+
+def test_plain_errors_are_not_transient() -> None:
+    assert classify(ValueError("x")) is None
+    assert classify(TimeoutError()) is None
+    assert sqlstate_on_chain(ValueError("x")) is None
+
+
+def test_context_chain_is_walked_and_cycles_end() -> None:
+    outer = RuntimeError("wrapper, e.g. advanced-alchemy's RepositoryError")
+    inner = _Coded("40P01")
+    outer.__context__ = inner
+    inner.__context__ = outer  # a cycle
+    assert classify(outer) is ErrorKind.CONFLICT
+    lonely = RuntimeError("a")
+    other = RuntimeError("b")
+    lonely.__cause__ = other
+    other.__cause__ = lonely
+    assert classify(lonely) is None
+
+
+def test_ambiguous_anywhere_on_the_chain_wins() -> None:
+    outer = _Coded("08006")
+    outer.__cause__ = _Coded("08007")
+    assert classify(outer) is ErrorKind.AMBIGUOUS
+    assert not is_retriable(outer)
+
+
+def test_outermost_transient_link_decides_the_kind() -> None:
+    outer = _Coded("40001")
+    outer.__context__ = _Coded("57P01")
+    assert classify(outer) is ErrorKind.CONFLICT
+
+
+def test_own_errors_declare_their_kind() -> None:
+    class Declared(Exception):
+        db_retry_kind = ErrorKind.UNAVAILABLE
+
+    assert classify(Declared()) is ErrorKind.UNAVAILABLE
+
+
+@pytest.mark.parametrize("value", [None, 40001, "4000", "400011"])
+def test_only_five_character_codes_count(value: object) -> None:
+    error = Exception()
+    error.sqlstate = value  # type: ignore[attr-defined]
+    assert sqlstate_of(error) is None
