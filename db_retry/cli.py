@@ -11,6 +11,8 @@ import importlib.metadata
 import sys
 import typing
 
+from db_retry.health import add_check_command
+
 
 __all__ = ["COMMANDS", "Handler", "Registrar", "build_parser", "main"]
 
@@ -21,7 +23,7 @@ SubParsers: typing.TypeAlias = "argparse._SubParsersAction[argparse.ArgumentPars
 Registrar: typing.TypeAlias = collections.abc.Callable[[SubParsers], None]
 
 # Subcommands in the order `--help` lists them.
-COMMANDS: tuple[Registrar, ...] = ()
+COMMANDS: tuple[Registrar, ...] = (add_check_command,)
 
 
 def _version() -> str:
