@@ -100,15 +100,12 @@ class _Budget(stop_base):
         self.outage_timeout = outage_timeout
         self.timeout = timeout
         self._counted = 0
-        self._seen_attempt = 0
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         kind = _failure_kind(retry_state)
         elapsed = retry_state.seconds_since_start or 0.0
-        if self._seen_attempt != retry_state.attempt_number:
-            self._seen_attempt = retry_state.attempt_number
-            if kind is not ErrorKind.UNAVAILABLE:
-                self._counted += 1
+        if kind is not ErrorKind.UNAVAILABLE:  # tenacity asks once per failed attempt
+            self._counted += 1
         if self.timeout is not None and elapsed >= self.timeout:
             return True
         if kind is ErrorKind.UNAVAILABLE:

@@ -43,7 +43,7 @@ def _remember_failed_transaction(context: ExceptionContext) -> None:
     if connection is None or context.is_disconnect or sqlstate_on_chain(context.original_exception) is None:
         return
     transaction = connection.get_nested_transaction() or connection.get_transaction()
-    if transaction is not None:
+    if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
         connection.info[_FAILED_IN] = weakref.ref(transaction)
 
 

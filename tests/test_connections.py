@@ -148,6 +148,15 @@ async def test_single_host_errors_propagate(refused_host: str, hanging_host: str
         await build_connection_factory(f"postgresql://u:p@{hanging_host}/db?timeout=0.2", timeout=60)()
 
 
+async def test_single_host_connects_with_the_dsn_arguments(pg_cluster: PostgresCluster) -> None:
+    dsn = f"postgresql://postgres:s3cret@{pg_cluster.primary.address}/postgres?connect_timeout=5"
+    connection = await build_connection_factory(dsn, timeout=2)()
+    try:
+        assert await connection.fetchval("SELECT current_database()") == "postgres"
+    finally:
+        await connection.close()
+
+
 async def test_single_host_honours_target_session_attrs(pg_cluster: PostgresCluster) -> None:
     dsn = f"postgresql://postgres@{pg_cluster.standbys[0].address}/postgres?target_session_attrs=read-write"
     with pytest.raises(asyncpg.TargetServerAttributeNotMatched):
