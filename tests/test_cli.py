@@ -73,6 +73,16 @@ def test_registered_subcommand_is_listed_and_dispatched(
     assert "echo" in capsys.readouterr().err
 
 
+def test_without_subcommands_there_is_no_commands_section(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "COMMANDS", ())
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: db-retry [-h] [--version]\n")
+    assert "commands:" not in err
+
+
 def test_console_script_is_installed() -> None:
     script = pathlib.Path(sys.executable).with_name("db-retry")
     completed = subprocess.run([script, "--version"], capture_output=True, text=True, check=False, timeout=60)  # noqa: S603

@@ -41,7 +41,10 @@ _SERVER_SETTINGS: typing.Final = {
     "max_connections": "100",
     "shared_buffers": "32MB",
     "fsync": "off",
-    "full_page_writes": "off",
+    # Left on (the default): a base backup taken from a standby (a cascading standby) refuses WAL written
+    # without full-page images, and so does pg_rewind. wal_log_hints lets pg_rewind rejoin a failed primary.
+    "full_page_writes": "on",
+    "wal_log_hints": "on",
     "wal_level": "replica",
     "max_wal_senders": "10",
     "wal_keep_size": "128MB",
@@ -528,7 +531,9 @@ class PostgresCluster:
     async def wait_for_replay(self, standby: PostgresNode | None = None, *, timeout: float = 30.0) -> None:
         """Wait until ``standby`` (default: all) has replayed everything the primary has written so far."""
         targets = [standby] if standby is not None else self.standbys
-        target_lsn = await self.primary.fetchval("SELECT pg_current_wal_insert_lsn()")
+        # The write position, not the insert position: an insert position at the start of a WAL page points
+        # past the page header, which a standby never reports as replayed until more WAL arrives.
+        target_lsn = await self.primary.fetchval("SELECT pg_current_wal_lsn()")
         deadline = asyncio.get_running_loop().time() + timeout
         for node in targets:
             connection = await node.connect()
@@ -544,7 +549,7 @@ class PostgresCluster:
 
 @atexit.register
 def _stop_all_at_exit() -> None:
-    for cluster in list(_live):  # pragma: no cover - runs only for clusters a program forgot to stop
+    for cluster in list(_live):
         logger.warning("stopping %r left running at exit", cluster)
         cluster.stop()
     if _root is not None:
