@@ -15,6 +15,7 @@ import os
 import sys
 import types
 import typing
+import urllib.parse
 
 import asyncpg
 import sqlalchemy as sa
@@ -204,7 +205,9 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
     """
     url = parse_url(dsn)
     plan = ConnectionPlan.from_url(url, timeout, 0)
-    masked = mask_dsn(url.render_as_string(hide_password=False))  # masks a password= query entry too
+    # Rendered (so the password is percent-encoded and the mask finds its end), masked (netloc and a
+    # password= entry), then decoded for reading.
+    masked = urllib.parse.unquote(mask_dsn(url.render_as_string(hide_password=False)))
     if not plan.hosts:
         msg = f"DSN {masked!r} names no host; the check needs host:port"
         raise DSNError(msg)
