@@ -64,8 +64,8 @@ class HostStatus:
     ``replay_lag_bytes``: for a standby, WAL the primary has written that this standby has not yet
     replayed (the most advanced reachable primary's current position minus this standby's replay
     position); ``None`` when no primary answered. ``unreplayed_bytes``: WAL this standby received
-    but has not replayed yet. ``replay_lag_seconds``: age of the last transaction replayed, ``0``
-    when everything received is replayed; it also grows while the primary is idle.
+    but has not replayed yet. ``replay_lag_seconds``: ``0`` when everything received is replayed,
+    else the age of the last replayed commit, which also counts time the primary spent idle.
     """
 
     address: HostPort
