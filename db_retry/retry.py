@@ -182,7 +182,7 @@ class _Policy:
         event = RetryEvent(
             function=self.function,
             attempt=retry_state.attempt_number,
-            wait=retry_state.upcoming_sleep,
+            wait=float(getattr(retry_state.next_action, "sleep", 0.0)),  # set before before_sleep, in tenacity 8 and 9
             kind=self.retried_kind(error) or ErrorKind.OUTAGE,
             sqlstate=sqlstate_on_chain(error),
             error=error,
