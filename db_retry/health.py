@@ -28,7 +28,7 @@ if typing.TYPE_CHECKING:
     from db_retry.cli import SubParsers
 
 
-__all__ = ["HealthReport", "HostStatus", "add_check_command", "check_hosts", "run_check"]
+__all__ = ["HealthReport", "HostStatus", "add_check_command", "check_hosts", "format_report", "run_check"]
 
 DEFAULT_TIMEOUT: typing.Final = 2.0
 Role = typing.Literal["primary", "standby"]
@@ -200,8 +200,8 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
 
     The DSN's user, password, database, ssl and other connect arguments are used as a connection
     factory would use them; a ``timeout`` / ``connect_timeout`` entry in the DSN overrides
-    ``timeout``. A malformed DSN raises :class:`~db_retry.dsn.DSNError`. Host failures never
-    raise: they are reported.
+    ``timeout``. A malformed DSN raises :class:`~db_retry.dsn.DSNError` and a timeout that is not
+    > 0 raises :class:`ValueError`. Host failures never raise: they are reported.
     """
     url = parse_url(dsn)
     plan = ConnectionPlan.from_url(url, timeout, 0)
