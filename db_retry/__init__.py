@@ -2,6 +2,7 @@
 
 from db_retry.connections import NoHostAvailableError, build_connection_factory
 from db_retry.dsn import DSNError, build_db_dsn, is_dsn_multihost
+from db_retry.health import HealthReport, HostStatus, check_hosts
 from db_retry.retriable import ErrorKind, is_retriable
 from db_retry.retry import RetryEvent, postgres_retry, wait_for_error
 from db_retry.settings import SettingsError
@@ -12,12 +13,15 @@ __all__ = [
     "CommitOutcomeUnknownError",
     "DSNError",
     "ErrorKind",
+    "HealthReport",
+    "HostStatus",
     "NoHostAvailableError",
     "RetryEvent",
     "SettingsError",
     "Transaction",
     "build_connection_factory",
     "build_db_dsn",
+    "check_hosts",
     "is_dsn_multihost",
     "is_retriable",
     "postgres_retry",

@@ -14,7 +14,8 @@ from sqlalchemy.exc import ArgumentError
 
 
 DEFAULT_PORT: typing.Final = 5432
-_PASSWORD_IN_NETLOC: typing.Final = re.compile(r"(?P<head>://[^:/?#@]*:)[^@/?#]*(?P<tail>@)")
+# SQLAlchemy lets a password hold anything up to the last "@" ("/", "?" and "#" included): mask that much.
+_PASSWORD_IN_NETLOC: typing.Final = re.compile(r"(?P<head>://[^:/@]*:).*(?P<tail>@)", re.DOTALL)
 _PASSWORD_IN_QUERY: typing.Final = re.compile(r"(?P<head>[?&]password=)[^&#]*", re.IGNORECASE)
 _NETLOC: typing.Final = re.compile(r"^(?P<scheme>[^:/?#]+://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.DOTALL)
 
@@ -34,9 +35,8 @@ class HostPort:
 
 def mask_dsn(dsn: str | sa.URL) -> str:
     """``dsn`` as text with its password replaced by ``***`` (in the netloc and in a ``password=`` entry)."""
-    if isinstance(dsn, sa.URL):
-        return dsn.render_as_string(hide_password=True)
-    masked = _PASSWORD_IN_NETLOC.sub(r"\g<head>***\g<tail>", dsn)
+    text = dsn.render_as_string(hide_password=True) if isinstance(dsn, sa.URL) else dsn
+    masked = _PASSWORD_IN_NETLOC.sub(r"\g<head>***\g<tail>", text)
     return _PASSWORD_IN_QUERY.sub(r"\g<head>***", masked)
 
 
@@ -117,7 +117,8 @@ def dsn_hosts(dsn: str | sa.URL) -> tuple[HostPort, ...]:
     if not entries:
         if url.host is None:
             return ()
-        return (HostPort(url.host, url.port or (ports[0] if len(ports) == 1 else DEFAULT_PORT)),)
+        netloc_port = _port(str(url.port), dsn=url) if url.port is not None else None
+        return (HostPort(url.host, netloc_port or (ports[0] if len(ports) == 1 else DEFAULT_PORT)),)
     if len(ports) > 1 and len(ports) != len(entries):
         msg = f"{len(entries)} hosts but {len(ports)} ports in DSN {mask_dsn(url)!r}"
         raise DSNError(msg)

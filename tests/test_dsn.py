@@ -70,6 +70,7 @@ def test_host_port_renders_ipv6_in_brackets() -> None:
         ("postgresql://u:s3cret@db:abc/x", "malformed DSN"),
         ("not a dsn", "malformed DSN"),
         ("postgresql://u:s3cret@/x?host=h1:0&host=h2", "bad port '0'"),
+        ("postgresql://u:s3cret@h1:99999/x", "bad port '99999'"),
         ("postgresql://u:s3cret@/x?host=h1:x1&host=h2", "bad port 'x1'"),
         ("postgresql://u:s3cret@/x?host=h1&host=h2&port=1,2,3", "2 hosts but 3 ports"),
         ("postgresql://u:s3cret@/x?host=h1:1&host=h2:2&port=1,3", "host 'h2:2' has port 2 but port= gives 3"),
@@ -94,3 +95,13 @@ def test_mask_dsn() -> None:
     assert mask_dsn("postgresql://u:s3cret@h/x") == "postgresql://u:***@h/x"
     assert mask_dsn("postgresql://u@h/x?password=s3cret&a=1") == "postgresql://u@h/x?password=***&a=1"
     assert "s3cret" not in mask_dsn(sa.make_url("postgresql://u:s3cret@h/x"))
+    assert "s3cret" not in mask_dsn(sa.make_url("postgresql://u@h/x?password=s3cret"))
+
+
+@pytest.mark.parametrize("password", ["pa/ss", "p?ss", "p#ss", "p@ss", "s3cret"])
+def test_passwords_with_url_special_characters_never_leak(password: str) -> None:
+    dsn = f"postgresql://u:{password}@h:notaport/db"
+    with pytest.raises(DSNError) as caught:
+        dsn_hosts(dsn)
+    assert password not in str(caught.value)
+    assert password.split("@")[-1] not in mask_dsn(dsn)

@@ -279,9 +279,10 @@ async def test_on_retry_hook_failures_do_not_break_the_call(caplog: pytest.LogCa
 # -- against a real server -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def engine(pg_dsn: str) -> collections.abc.AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(pg_dsn, pool_size=2)
+@pytest.fixture(params=["asyncpg", "psycopg"])
+async def engine(pg_dsn: str, request: pytest.FixtureRequest) -> collections.abc.AsyncIterator[AsyncEngine]:
+    """The same tests through both drivers: SQLAlchemy's asyncpg and psycopg 3 dialects."""
+    engine = create_async_engine(sa.make_url(pg_dsn).set(drivername=f"postgresql+{request.param}"), pool_size=2)
     async with engine.begin() as connection:
         await connection.execute(sa.text("DROP TABLE IF EXISTS retry_items"))
         await connection.execute(sa.text("CREATE TABLE retry_items (id int PRIMARY KEY, note text)"))

@@ -24,9 +24,10 @@ class Item(Base):
     note: Mapped[str] = mapped_column(sa.String(), default="")
 
 
-@pytest.fixture
-async def engine(pg_dsn: str) -> collections.abc.AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(pg_dsn, pool_size=2)
+@pytest.fixture(params=["asyncpg", "psycopg"])
+async def engine(pg_dsn: str, request: pytest.FixtureRequest) -> collections.abc.AsyncIterator[AsyncEngine]:
+    """The same tests through both drivers: SQLAlchemy's asyncpg and psycopg 3 dialects."""
+    engine = create_async_engine(sa.make_url(pg_dsn).set(drivername=f"postgresql+{request.param}"), pool_size=2)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.drop_all)
         await connection.run_sync(Base.metadata.create_all)
