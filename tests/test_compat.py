@@ -48,7 +48,7 @@ class CreateCustomer:
             if len(self.attempts) < 3:  # a real serialization failure from the server, twice
                 await self.transaction.session.execute(sa.text("DO $$ BEGIN RAISE SQLSTATE '40001'; END $$"))
             await self.transaction.commit()
-            return customer.email
+            return email
 
 
 def test_the_0_8_4_names_are_exported() -> None:
