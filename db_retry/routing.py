@@ -151,7 +151,7 @@ class RoutingSession(orm.Session):
 
     def get_bind(
         self,
-        mapper: typing.Any = None,  # noqa: ANN401, ARG002 - Session.get_bind's signature; routing ignores the mapper
+        mapper: typing.Any = None,  # noqa: ANN401 - Session.get_bind's signature
         *,
         clause: sa.ClauseElement | None = None,
         bind: sa.Engine | sa.Connection | None = None,
@@ -160,8 +160,10 @@ class RoutingSession(orm.Session):
         if bind is not None:  # the caller chose (bind_arguments={"bind": ...})
             return bind
         primary = self._router.primary
-        if clause is None:  # a flush, session.connection(), or a caller asking for the dialect
-            return primary
+        if clause is None:
+            if mapper is not None:  # the ORM writing objects: a flush or a bulk operation
+                self._wrote = True
+            return primary  # else session.connection() (see there) or a caller asking for the dialect
         read = kw.get(READ)
         if not (_is_read(clause) if read is None else read):
             self._wrote = True
@@ -204,11 +206,6 @@ def _carry_routing_options(state: orm.ORMExecuteState) -> None:
         state.bind_arguments[READ] = options[READ]
 
 
-@event.listens_for(RoutingSession, "after_flush")
-def _flushed(session: RoutingSession, _flush_context: orm.UOWTransaction) -> None:
-    session._wrote = True  # noqa: SLF001 - the session's own state, set by its own listener
-
-
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _transaction_ended(session: RoutingSession, transaction: orm.SessionTransaction) -> None:
     if transaction.parent is None:
@@ -219,6 +216,10 @@ def _transaction_ended(session: RoutingSession, transaction: orm.SessionTransact
 def _default_name(engine: sa_async.AsyncEngine) -> str:
     hosts = dsn_hosts(engine.url)
     return ",".join(str(host) for host in hosts) if hosts else engine.url.render_as_string(hide_password=True)
+
+
+def _log_fields(status: ReplicaStatus) -> dict[str, object]:
+    return {"db_retry_replica": status.name, "db_retry_healthy": status.healthy, "db_retry_reason": status.reason}
 
 
 def _describe(exc: BaseException) -> str:
@@ -401,13 +402,13 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
         self._router.update()
         if status.healthy != before.healthy:
             if status.healthy:
-                logger.info("replica %s serves reads", replica.name, extra={"replica": replica.name})
+                logger.info("replica %s serves reads", replica.name, extra=_log_fields(status))
             else:
                 logger.warning(
                     "replica %s skipped: %s",
                     replica.name,
                     status.reason,
-                    extra={"replica": replica.name, "reason": status.reason},
+                    extra=_log_fields(status),
                 )
         if status.reachable is False and before.reachable is not False:
             await replica.engine.dispose()  # its pooled connections died with the server, or soon will

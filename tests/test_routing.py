@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from db_retry import postgres_retry
+from db_retry import build_connection_factory, postgres_retry
 from db_retry.routing import READ, USE_PRIMARY, ReplicaStatus, RoutingSession, RoutingSessionMaker
 from db_retry.testing.cluster import PostgresCluster, PostgresNode
 from db_retry.testing.pytest_plugin import ClusterFactory
@@ -192,6 +192,16 @@ async def test_an_explicit_flush_moves_the_transaction_to_the_primary(
         await session.flush()
         assert await where(session) == on(primary_node, standby=False)
         await session.rollback()
+
+
+async def test_bulk_writes_count_as_writes_and_asking_for_the_bind_does_not(
+    maker: RoutingSessionMaker, primary_node: PostgresNode, standby_node: PostgresNode
+) -> None:
+    async with maker() as session:
+        assert session.get_bind() is maker.primary.sync_engine  # e.g. to read the dialect
+        assert await where(session) == on(standby_node, standby=True)
+        await session.run_sync(lambda sync: sync.bulk_insert_mappings(Item, [{"name": unique_name()}]))
+        assert await where(session) == on(primary_node, standby=False)
 
 
 async def test_text_is_a_write_unless_marked_read(
@@ -448,6 +458,22 @@ async def test_a_replica_that_refuses_the_connection_is_skipped_with_the_servers
                 assert await where(session) == on(primary_node, standby=False)
     finally:
         await refused.dispose()
+
+
+async def test_a_replica_engine_made_with_build_connection_factory(
+    pg_cluster: PostgresCluster, primary: AsyncEngine, primary_node: PostgresNode, standby_node: PostgresNode
+) -> None:
+    # Any standby of a multi-host DSN, connected the library's way; checks connect the same way.
+    url = pg_cluster.multihost_dsn(target_session_attrs="standby")
+    replica = create_async_engine(url, async_creator=build_connection_factory(url, timeout=5))
+    try:
+        async with RoutingSessionMaker(primary, [replica], check_interval=None) as maker:
+            name = f"{primary_node.address},{standby_node.address}"
+            assert (await maker.refresh())[name].in_recovery
+            async with maker() as session:
+                assert await where(session) == on(standby_node, standby=True)
+    finally:
+        await replica.dispose()
 
 
 async def test_psycopg_engines(
