@@ -1,7 +1,8 @@
 """Read/write routing against the kit's real primary and standbys.
 
 Where a statement ran is read from the server that ran it: ``pg_is_in_recovery()`` and
-``inet_server_port()`` in the statement itself (or in its ``RETURNING``).
+``inet_server_port()`` in the statement itself (or in its ``RETURNING``). The tests that need servers
+use ``pg_cluster`` / ``fresh_cluster``, which skip them when ``DB_DSN`` names one external server.
 """
 
 import asyncio
@@ -23,8 +24,6 @@ from db_retry.testing.cluster import PostgresCluster, PostgresNode
 from db_retry.testing.pytest_plugin import ClusterFactory
 from db_retry.transaction import Transaction
 
-
-pytestmark = pytest.mark.standby
 
 Where = tuple[bool, int]
 WHERE: typing.Final = sa.select(sa.func.pg_is_in_recovery(), sa.func.inet_server_port())
