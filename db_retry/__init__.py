@@ -1,5 +1,7 @@
 """Async PostgreSQL reliability for SQLAlchemy + asyncpg: retries, multi-host failover, transactions."""
 
+import logging
+
 from db_retry.connections import NoHostAvailableError, build_connection_factory
 from db_retry.dsn import DSNError, build_db_dsn, is_dsn_multihost
 from db_retry.health import HealthReport, HostStatus, check_hosts
@@ -8,6 +10,9 @@ from db_retry.retry import RetryEvent, postgres_retry, wait_for_error
 from db_retry.settings import SettingsError
 from db_retry.transaction import CommitOutcomeUnknownError, Transaction
 
+
+# A library's loggers stay silent until the application configures logging.
+logging.getLogger("db_retry").addHandler(logging.NullHandler())
 
 __all__ = [
     "CommitOutcomeUnknownError",

@@ -11,6 +11,7 @@ import importlib.metadata
 import sys
 import typing
 
+from db_retry.demo import add_demo_command
 from db_retry.health import add_check_command
 
 
@@ -23,7 +24,7 @@ SubParsers: typing.TypeAlias = "argparse._SubParsersAction[argparse.ArgumentPars
 Registrar: typing.TypeAlias = collections.abc.Callable[[SubParsers], None]
 
 # Subcommands in the order `--help` lists them.
-COMMANDS: tuple[Registrar, ...] = (add_check_command,)
+COMMANDS: tuple[Registrar, ...] = (add_demo_command, add_check_command)
 
 
 def _version() -> str:
