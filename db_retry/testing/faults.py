@@ -1,0 +1,397 @@
+"""Faults on demand for a :class:`~db_retry.testing.cluster.PostgresCluster`, each one bounded in time.
+
+Process faults (restart, crash, failover, rebuild) run ``pg_ctl`` in a worker thread, so a
+:class:`~db_retry.testing.proxy.TcpProxy` on the same event loop keeps working meanwhile. The context
+managers make a real server answer with one SQLSTATE for as long as the block lasts:
+
+=========  ================================================  =====================================
+SQLSTATE   what the client sees                              helper
+=========  ================================================  =====================================
+``57P01``  ``AdminShutdownError`` on a running query         :func:`terminate_backends`, :func:`restart`
+``57P02``  a warning, then the connection drops (``08003``)  :func:`kill_backend`
+``57P03``  ``CannotConnectNowError`` on connect              :func:`cannot_connect_now`
+``53300``  ``TooManyConnectionsError`` on connect            :func:`limited_role`, :func:`exhaust_connections`
+``25006``  ``ReadOnlySQLTransactionError`` on a write        :func:`read_only` (or any standby)
+refused    ``ConnectionRefusedError`` on connect             :func:`crash`, :func:`stop`
+=========  ================================================  =====================================
+"""
+
+import asyncio
+import collections.abc
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import typing
+
+import asyncpg
+
+from db_retry.testing.cluster import SUPERUSER, ClusterError, PostgresCluster, PostgresNode, StopMode
+
+
+__all__ = [
+    "cannot_connect_now",
+    "crash",
+    "exhaust_connections",
+    "failover",
+    "kill_backend",
+    "limited_role",
+    "read_only",
+    "rebuild_as_standby",
+    "restart",
+    "start",
+    "stop",
+    "terminate_backends",
+    "wait_accepting",
+]
+
+logger = logging.getLogger(__name__)
+
+# What a connect attempt may meet while a server stops, crash-restarts or recovers.
+_NOT_READY: typing.Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+)
+_POLL: typing.Final = 0.02
+
+
+# -- process faults -------------------------------------------------------------
+async def start(node: PostgresNode) -> None:
+    """Start ``node`` and wait until it accepts connections."""
+    await asyncio.to_thread(node.start)
+
+
+async def stop(node: PostgresNode, mode: StopMode = "fast") -> None:
+    """Stop ``node``; new connections are then refused (``ConnectionRefusedError``)."""
+    await asyncio.to_thread(node.stop, mode)
+
+
+async def restart(node: PostgresNode, mode: StopMode = "fast") -> None:
+    """Stop ``node`` with ``mode`` and start it again on the same port.
+
+    ``fast`` ends running queries with ``57P01``; ``immediate`` is a crash: sessions get a ``57P01``
+    warning and lose the connection, and the server replays WAL before it accepts connections again.
+    """
+    await asyncio.to_thread(node.restart, mode)
+
+
+async def crash(node: PostgresNode) -> None:
+    """Stop ``node`` as a crash would (immediate shutdown); start it again with :func:`start`."""
+    await stop(node, "immediate")
+
+
+async def terminate_backends(
+    node: PostgresNode,
+    *,
+    database: str | None = None,
+    application_name: str | None = None,
+    pids: collections.abc.Iterable[int] | None = None,
+    timeout: float = 10.0,
+) -> int:
+    """End client sessions on ``node`` with ``pg_terminate_backend``; return how many ended.
+
+    Only client backends match (never WAL senders or background workers), optionally narrowed to a
+    database, an application name or a set of PIDs; the helper's own session is never one of them. A
+    running query fails with ``57P01``. Waits up to ``timeout`` for each session to exit (PostgreSQL 14+).
+    """
+    connection = await node.connect()
+    try:
+        ended: int = await connection.fetchval(
+            """
+            SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, $4))
+            FROM pg_stat_activity
+            WHERE backend_type = 'client backend'
+              AND pid <> pg_backend_pid()
+              AND ($1::text IS NULL OR datname = $1)
+              AND ($2::text IS NULL OR application_name = $2)
+              AND ($3::int[] IS NULL OR pid = ANY($3))
+            """,
+            database,
+            application_name,
+            None if pids is None else list(pids),
+            int(timeout * 1000),
+        )
+    finally:
+        await connection.close()
+    return ended
+
+
+def _timed_out(node: PostgresNode, what: str, timeout: float) -> ClusterError:
+    return ClusterError(f"{node.name} ({node.address}) {what} after {timeout}s\n--- server log ---\n{node.log_tail()}")
+
+
+# The waits below poll inline, in the frame that catches the driver's error: a coroutine that catches an
+# exception and returns to its caller makes coverage.py (7.x, CPython 3.11) lose the caller's next lines.
+async def wait_accepting(node: PostgresNode, *, timeout: float = 30.0) -> None:
+    """Wait until ``node`` accepts connections; raise :class:`ClusterError` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            connection = await node.connect(timeout=min(timeout, 5.0))
+        except _NOT_READY as exc:
+            if loop.time() >= deadline:
+                raise _timed_out(node, "is not accepting connections", timeout) from exc
+            await asyncio.sleep(_POLL)
+        else:
+            await connection.close()
+            return
+
+
+async def kill_backend(node: PostgresNode, pid: int | None = None, *, timeout: float = 30.0) -> None:
+    """Kill one backend of ``node`` with ``SIGKILL`` (``pid``, or a throwaway session of the helper's own).
+
+    The postmaster then assumes shared memory is corrupt: every other session gets a ``57P02`` warning
+    ("terminating connection because of crash of another server process") and loses its connection,
+    and the server restarts through crash recovery, answering ``57P03`` meanwhile. Returns once it
+    accepts connections again.
+    """
+    sentinel = await node.connect()
+    victim: asyncpg.Connection[asyncpg.Record] | None = None
+    try:
+        if pid is None:
+            victim = await node.connect()
+            pid = victim.get_server_pid()
+        elif not await sentinel.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND backend_type = 'client backend')", pid
+        ):
+            msg = f"{pid} is not a client backend of {node.name} ({node.address})"
+            raise ValueError(msg)
+        # The sentinel's own session ends when the postmaster resets: that is when the crash has happened.
+        waiting = asyncio.create_task(sentinel.execute(f"SELECT pg_sleep({float(timeout)})"))
+        os.kill(pid, signal.SIGKILL)
+        try:
+            await waiting
+        except _NOT_READY:
+            logger.debug("%s: backend %s killed, the server resets", node.name, pid)
+        else:  # pragma: no cover - PostgreSQL ends every session once a backend dies of SIGKILL
+            msg = f"{node.name}: killing backend {pid} did not reset the server within {timeout}s"
+            raise ClusterError(msg)
+    finally:
+        sentinel.terminate()
+        if victim is not None:
+            victim.terminate()
+    await wait_accepting(node, timeout=timeout)
+
+
+async def failover(
+    cluster: PostgresCluster, *, standby: PostgresNode | None = None, mode: StopMode = "fast"
+) -> PostgresNode:
+    """Stop the primary with ``mode``, promote ``standby`` (default: the first running one), and return it.
+
+    ``cluster.nodes`` is reordered: the new primary first, the other standbys next (now streaming from
+    the new primary), the stopped old primary last, until :func:`rebuild_as_standby` brings it back.
+    Every node keeps its port. A ``fast`` stop first ships all WAL to the standbys, so no committed
+    transaction is lost; ``immediate`` is a crash and may lose the last ones, as asynchronous
+    replication does.
+    """
+    old = cluster.primary
+    if standby is None:
+        running = [node for node in cluster.standbys if node.is_running]
+        if not running:
+            msg = f"{cluster!r} has no running standby to promote"
+            raise ClusterError(msg)
+        standby = running[0]
+    elif standby is old or standby not in cluster.nodes:
+        msg = f"{standby.name} is not a standby of {cluster!r}"
+        raise ValueError(msg)
+    await stop(old, mode)
+    await asyncio.to_thread(standby.promote)
+    others = [node for node in cluster.nodes if node is not standby and node is not old]
+    cluster.nodes[:] = [standby, *others, old]
+    for node in others:
+        if node.is_running:
+            await _follow(node, standby)
+    return standby
+
+
+async def _follow(node: PostgresNode, upstream: PostgresNode) -> None:
+    """Point the standby ``node`` at ``upstream``; it follows the new timeline by itself."""
+    conninfo = f"host={upstream.host} port={upstream.port} user={SUPERUSER} application_name={node.name}"
+    connection = await node.connect()
+    try:
+        statement = await connection.fetchval(
+            "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)", conninfo
+        )
+        await connection.execute(statement)
+        await connection.execute("SELECT pg_reload_conf()")
+    finally:
+        await connection.close()
+
+
+async def rebuild_as_standby(cluster: PostgresCluster, node: PostgresNode) -> PostgresNode:
+    """Make ``node`` (e.g. the old primary after :func:`failover`) a fresh standby of the current primary.
+
+    Its data directory is cloned again from the primary with ``pg_basebackup``, and it starts on its old
+    port, so DSNs naming it keep working. Fails with :class:`ClusterError` if something else took that port.
+    """
+    if node is cluster.primary or node not in cluster.nodes:
+        msg = f"{node.name} is not a standby or retired node of {cluster!r}"
+        raise ValueError(msg)
+    primary = cluster.primary
+    await stop(node, "fast")
+    await asyncio.to_thread(_reclone, cluster, node, primary)
+    await start(node)
+    return node
+
+
+def _reclone(cluster: PostgresCluster, node: PostgresNode, primary: PostgresNode) -> None:
+    shutil.rmtree(node.data_dir)
+    cluster.account.run(
+        [
+            cluster.bindir / "pg_basebackup",
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            SUPERUSER,
+            "-D",
+            node.data_dir,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        ],
+        cwd=node.data_dir.parent,
+    )
+    with (node.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write(f"port = {node.port}\n")
+
+
+# -- servers that answer with one SQLSTATE ----------------------------------------
+@contextlib.asynccontextmanager
+async def cannot_connect_now(node: PostgresNode, *, timeout: float = 30.0) -> collections.abc.AsyncIterator[None]:
+    """Inside the block new connections to ``node`` fail with ``57P03`` ("the database system is shutting down").
+
+    A smart shutdown waits for open sessions to end, refusing new ones meanwhile; the helper keeps one
+    session open to hold it there. Sessions opened before the block keep working. On exit the server is
+    stopped (``fast``: those sessions end with ``57P01``) and started again on the same port.
+    """
+    held = await node.connect()
+    try:
+        await asyncio.to_thread(_smart_shutdown_request, node)
+        await _wait_refusing(node, timeout=timeout)
+        yield
+    finally:
+        await stop(node, "fast")  # while the held session is open, so the shutdown cannot finish first
+        held.terminate()
+        await start(node)
+
+
+def _smart_shutdown_request(node: PostgresNode) -> None:
+    node.account.run(
+        [node.bindir / "pg_ctl", "-D", node.data_dir, "-m", "smart", "--no-wait", "stop"], cwd=node.data_dir.parent
+    )
+
+
+async def _wait_refusing(node: PostgresNode, *, timeout: float) -> None:
+    """Wait until ``node`` answers a new connection with ``57P03`` (a signal takes effect asynchronously)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            connection = await node.connect()
+        except asyncpg.CannotConnectNowError:
+            return
+        await connection.close()
+        if loop.time() >= deadline:
+            raise _timed_out(node, "still accepts connections after a smart shutdown request", timeout)
+        await asyncio.sleep(_POLL)
+
+
+@contextlib.asynccontextmanager
+async def limited_role(node: PostgresNode, *, limit: int = 1) -> collections.abc.AsyncIterator[str]:
+    """A login role with ``CONNECTION LIMIT limit``; yields its name.
+
+    Its connection beyond ``limit`` fails with ``53300`` ("too many connections for role"). The role may
+    read and write every table. On exit its sessions are terminated and it is dropped. Superusers are
+    exempt from such limits, hence a role of its own: connect with ``user=<name>``.
+    """
+    if limit < 0:
+        msg = f"limit must be >= 0, got {limit}"
+        raise ValueError(msg)
+    name = f"db_retry_limited_{secrets.token_hex(4)}"
+    await node.execute(f"CREATE ROLE {name} LOGIN CONNECTION LIMIT {limit}")
+    try:
+        await node.execute(f"GRANT pg_read_all_data, pg_write_all_data TO {name}")
+        yield name
+    finally:
+        connection = await node.connect()
+        try:
+            await connection.execute(
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE usename = $1", name
+            )
+            await connection.execute(f"DROP ROLE {name}")
+        finally:
+            await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def exhaust_connections(node: PostgresNode, *, limit: int = 1000) -> collections.abc.AsyncIterator[int]:
+    """Hold every free connection slot of ``node``; yields how many the helper holds.
+
+    Inside the block any new connection, a superuser's too, fails with ``53300`` ("sorry, too many
+    clients already"). At most ``limit`` connections are opened (a guard against a huge
+    ``max_connections``); on exit they are all closed.
+    """
+    held: list[asyncpg.Connection[asyncpg.Record]] = []
+    try:
+        while True:
+            try:
+                connection = await node.connect()
+            except asyncpg.TooManyConnectionsError:
+                break
+            held.append(connection)
+            if len(held) >= limit:
+                msg = f"{node.name} still accepts connections after {limit}; raise limit or lower max_connections"
+                raise ClusterError(msg)
+        yield len(held)
+    finally:
+        await asyncio.gather(*(connection.close() for connection in held))
+
+
+@contextlib.asynccontextmanager
+async def read_only(node: PostgresNode, *, timeout: float = 30.0) -> collections.abc.AsyncIterator[None]:
+    """Inside the block ``node`` acts as a demoted primary: writes fail with ``25006``.
+
+    Sets ``default_transaction_read_only`` (``ALTER SYSTEM`` and a reload), so new sessions report
+    ``transaction_read_only = on`` (a ``read-write`` target rejects the node) and open sessions follow
+    at their next statement. Reset on exit.
+    """
+    await _set_read_only(node, value=True, timeout=timeout)
+    try:
+        yield
+    finally:
+        await _set_read_only(node, value=False, timeout=timeout)
+
+
+async def _set_read_only(node: PostgresNode, *, value: bool, timeout: float) -> None:
+    settings = {"default_transaction_read_only": "off"}  # so that the helper itself may run ALTER SYSTEM
+    connection = await node.connect(server_settings=settings)
+    try:
+        if value:
+            await connection.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        else:
+            await connection.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await connection.execute("SELECT pg_reload_conf()")
+    finally:
+        await connection.close()
+    # The postmaster rereads its configuration asynchronously: wait until a new session sees the value.
+    await _wait_for_setting(node, "default_transaction_read_only", "on" if value else "off", timeout=timeout)
+
+
+async def _wait_for_setting(node: PostgresNode, name: str, value: str, *, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await node.fetchval("SELECT current_setting($1)", name) != value:
+        if loop.time() >= deadline:
+            raise _timed_out(node, f"has not set {name}={value}", timeout)
+        await asyncio.sleep(_POLL)
