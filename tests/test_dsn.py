@@ -104,4 +104,4 @@ def test_passwords_with_url_special_characters_never_leak(password: str) -> None
     with pytest.raises(DSNError) as caught:
         dsn_hosts(dsn)
     assert password not in str(caught.value)
-    assert password.split("@")[-1] not in mask_dsn(dsn)
+    assert password.rsplit("@", maxsplit=1)[-1] not in mask_dsn(dsn)

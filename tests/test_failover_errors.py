@@ -1,0 +1,265 @@
+"""SPEC B1: every failover-time error is produced by a real server fault, classified, and retried.
+
+Each test runs work through ``postgres_retry``; a background task injects the fault and, where the
+fault lasts, lifts it once the first retry shows the caller has seen it. The retry events tell which
+error the caller really got.
+"""
+
+import asyncio
+import collections.abc
+import contextlib
+import typing
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from db_retry import ErrorKind, RetryEvent, postgres_retry
+from db_retry.testing import PostgresCluster, PostgresNode, faults
+
+
+pytestmark = pytest.mark.standby
+
+Work = collections.abc.Callable[[], collections.abc.Awaitable[object]]
+
+
+class _Seen:
+    """Retry events, and an event set at the first one."""
+
+    def __init__(self) -> None:
+        self.events: list[RetryEvent] = []
+        self.first = asyncio.Event()
+
+    def __call__(self, event: RetryEvent) -> None:
+        self.events.append(event)
+        self.first.set()
+
+    @property
+    def sqlstates(self) -> list[str | None]:
+        return [event.sqlstate for event in self.events]
+
+    @property
+    def kinds(self) -> list[ErrorKind]:
+        return [event.kind for event in self.events]
+
+
+def _engine(node: PostgresNode, **url: typing.Any) -> AsyncEngine:
+    return create_async_engine(sa.make_url(node.dsn(driver="asyncpg")).set(**url), poolclass=sa.NullPool)
+
+
+async def _query_running(node: PostgresNode, text: str) -> None:
+    for _ in range(1000):
+        count = await node.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", text)
+        if count:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{text!r} never ran")
+
+
+async def _run(
+    work: Work,
+    fault: collections.abc.Callable[[_Seen], collections.abc.Coroutine[typing.Any, typing.Any, None]],
+) -> _Seen:
+    seen = _Seen()
+    retried = postgres_retry(retries=20, on_retry=seen)(work)
+    injector = asyncio.create_task(fault(seen))
+    try:
+        await asyncio.wait_for(retried(), 60)
+    finally:
+        await asyncio.wait_for(injector, 60)
+    return seen
+
+
+SLEEP = "SELECT pg_sleep(30)"
+
+
+def _sleep_once(engine: AsyncEngine) -> Work:
+    """Work that runs a long query on its first attempt and a short one after."""
+    attempts: list[int] = []
+
+    async def work() -> object:
+        attempts.append(1)
+        async with engine.connect() as connection:
+            return await connection.scalar(sa.text(SLEEP if len(attempts) == 1 else "SELECT 1"))
+
+    return work
+
+
+async def test_57p01_backend_terminated_mid_query(pg_cluster: PostgresCluster) -> None:
+    node = pg_cluster.primary
+    engine = _engine(node)
+
+    async def terminate(_: _Seen) -> None:
+        await _query_running(node, SLEEP)
+        assert await faults.terminate_backends(node, pids=None, application_name=None) >= 1
+
+    try:
+        seen = await _run(_sleep_once(engine), terminate)
+    finally:
+        await engine.dispose()
+    # The server sends FATAL 57P01 and closes; the driver reports that, or the closed socket (08003).
+    assert seen.sqlstates[0] in {"57P01", "08003"}
+    assert seen.kinds[0] is ErrorKind.OUTAGE
+
+
+async def test_57p01_fast_shutdown_then_refused_while_down(
+    fresh_cluster: typing.Callable[..., PostgresCluster],
+) -> None:
+    node = fresh_cluster().primary
+    engine = _engine(node)
+
+    async def fast_restart(_: _Seen) -> None:
+        await _query_running(node, SLEEP)
+        await faults.restart(node, "fast")
+
+    try:
+        seen = await _run(_sleep_once(engine), fast_restart)
+    finally:
+        await engine.dispose()
+    assert seen.sqlstates[0] in {"57P01", "08003"}
+    assert seen.kinds[0] is ErrorKind.OUTAGE
+
+
+async def test_57p02_crash_of_another_backend(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
+    node = fresh_cluster().primary
+    engine = _engine(node)
+
+    async def crash_other_backend(_: _Seen) -> None:
+        await _query_running(node, SLEEP)
+        await faults.kill_backend(node)  # SIGKILL of another backend: the postmaster resets every session
+
+    try:
+        seen = await _run(_sleep_once(engine), crash_other_backend)
+    finally:
+        await engine.dispose()
+    assert seen.kinds[0] is ErrorKind.OUTAGE
+    assert seen.sqlstates[0] in {"57P02", "08003", None}  # a crash warning, then the connection is gone
+
+
+async def test_57p03_server_not_accepting_yet(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
+    node = fresh_cluster().primary
+    engine = _engine(node)
+    holding = asyncio.Event()
+
+    async def work() -> object:
+        async with engine.connect() as connection:
+            return await connection.scalar(sa.text("SELECT 1"))
+
+    async def shutting_down(seen: _Seen) -> None:
+        async with faults.cannot_connect_now(node):
+            holding.set()
+            await seen.first.wait()
+
+    seen = _Seen()
+    injector = asyncio.create_task(shutting_down(seen))
+    await holding.wait()
+    try:
+        assert await asyncio.wait_for(postgres_retry(retries=1, on_retry=seen)(work)(), 60) == 1
+    finally:
+        await asyncio.wait_for(injector, 60)
+        await engine.dispose()
+    assert seen.sqlstates[0] == "57P03"
+    assert set(seen.kinds) == {ErrorKind.UNAVAILABLE}  # retries=1, yet it waited: the work never started
+
+
+async def test_53300_role_connection_limit(pg_cluster: PostgresCluster) -> None:
+    node = pg_cluster.primary
+    async with faults.limited_role(node, limit=1) as role:
+        engine = _engine(node, username=role)
+        held = await node.connect(user=role)
+
+        async def work() -> object:
+            async with engine.connect() as connection:
+                return await connection.scalar(sa.text("SELECT current_user"))
+
+        async def release(seen: _Seen) -> None:
+            await seen.first.wait()
+            await held.close()
+
+        try:
+            seen = _Seen()
+            releaser = asyncio.create_task(release(seen))
+            assert await asyncio.wait_for(postgres_retry(retries=1, on_retry=seen)(work)(), 60) == role
+            await releaser
+        finally:
+            await engine.dispose()
+            if not held.is_closed():
+                await held.close()
+    assert seen.sqlstates[0] == "53300"
+    assert seen.kinds[0] is ErrorKind.UNAVAILABLE
+
+
+async def test_53300_max_connections_exhausted(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
+    node = fresh_cluster().primary
+    engine = _engine(node)
+    full = asyncio.Event()
+
+    async def work() -> object:
+        async with engine.connect() as connection:
+            return await connection.scalar(sa.text("SELECT 1"))
+
+    async def exhaust(seen: _Seen) -> None:
+        async with faults.exhaust_connections(node):
+            full.set()
+            await seen.first.wait()
+
+    seen = _Seen()
+    injector = asyncio.create_task(exhaust(seen))
+    await full.wait()
+    try:
+        assert await asyncio.wait_for(postgres_retry(on_retry=seen)(work)(), 60) == 1
+    finally:
+        await asyncio.wait_for(injector, 60)
+        await engine.dispose()
+    assert seen.sqlstates[0] == "53300"
+
+
+async def test_25006_write_on_a_demoted_node(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
+    node = fresh_cluster().primary
+    await node.execute("CREATE TABLE writes (id serial PRIMARY KEY)")
+    engine = _engine(node)
+    demoted = asyncio.Event()
+
+    async def work() -> object:
+        async with engine.begin() as connection:
+            return await connection.scalar(sa.text("INSERT INTO writes DEFAULT VALUES RETURNING id"))
+
+    async def demote(seen: _Seen) -> None:
+        async with faults.read_only(node):
+            demoted.set()
+            await seen.first.wait()
+
+    seen = _Seen()
+    injector = asyncio.create_task(demote(seen))
+    await demoted.wait()
+    try:
+        assert await asyncio.wait_for(postgres_retry(retries=50, on_retry=seen)(work)(), 60) == 1
+    finally:
+        await asyncio.wait_for(injector, 60)
+        await engine.dispose()
+    assert seen.sqlstates[0] == "25006"
+    assert seen.kinds[0] is ErrorKind.OUTAGE
+    assert await node.fetchval("SELECT count(*) FROM writes") == 1  # the failed attempts wrote nothing
+
+
+async def test_refused_while_the_server_is_stopped(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
+    node = fresh_cluster().primary
+    engine = _engine(node)
+    await faults.stop(node)
+
+    async def work() -> object:
+        async with engine.connect() as connection:
+            return await connection.scalar(sa.text("SELECT 1"))
+
+    async def start_again(seen: _Seen) -> None:
+        await seen.first.wait()
+        await faults.start(node)
+
+    try:
+        seen = await _run(work, start_again)
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.dispose()
+    assert seen.sqlstates[0] is None
+    assert set(seen.kinds) == {ErrorKind.UNAVAILABLE}
+    assert "ConnectionRefusedError" in seen.events[0].error_class or "OSError" in seen.events[0].error_class
