@@ -20,7 +20,7 @@ from db_retry.testing import PostgresCluster, PostgresNode, faults
 
 pytestmark = pytest.mark.standby
 
-Work = collections.abc.Callable[[], collections.abc.Awaitable[object]]
+Work = collections.abc.Callable[[], collections.abc.Coroutine[typing.Any, typing.Any, object]]
 
 
 class _Seen:
