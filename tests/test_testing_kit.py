@@ -8,6 +8,7 @@ import pathlib
 import pwd
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -402,7 +403,7 @@ def test_the_template_is_made_once_and_again_if_removed(pg_cluster: PostgresClus
     template = kit._Template._made[key]
     assert (template / "PG_VERSION").is_file()
     assert "# db-retry test kit" in (template / "postgresql.conf").read_text()
-    root = kit._kit_root(pg_cluster.account)
+    root, _ = kit._kit_root(pg_cluster.account)
     assert kit._Template.get(pg_cluster.bindir, pg_cluster.account, root) == template
 
     moved = template.with_name(template.name + "-moved")
@@ -428,6 +429,8 @@ def test_clusters_left_running_are_stopped_at_exit(
     account.own(root)
     monkeypatch.setattr(kit, "_root", root)
     monkeypatch.setattr(kit, "_live", set())
+    reaper = kit._Reaper()
+    monkeypatch.setattr(kit, "_reaper", reaper)
     cluster = PostgresCluster(name="forgotten").start()
     assert cluster.directory is not None
     assert cluster.directory.parent == root
@@ -440,8 +443,10 @@ def test_clusters_left_running_are_stopped_at_exit(
     assert not kit._alive(pid)
     assert not root.exists()
     assert kit._live == set()
+    assert reaper.pid is None  # closed, after it found nothing left to do
     assert "stopping PostgresCluster('forgotten'" in caplog.text
     monkeypatch.setattr(kit, "_root", None)  # a program that never started a cluster
+    monkeypatch.setattr(kit, "_reaper", None)
     kit._stop_all_at_exit()
 
 
@@ -449,9 +454,10 @@ def test_clusters_left_running_are_stopped_at_exit(
 def test_interpreter_exit_stops_a_forgotten_cluster() -> None:
     code = textwrap.dedent(
         """
-        import json
+        import json, logging
         from db_retry.testing import PostgresCluster, cluster as kit
 
+        logging.basicConfig()
         cluster = PostgresCluster(standbys=1).start()
         pids = [node.pid for node in cluster.nodes]
         print(json.dumps({"pids": pids, "ports": [node.port for node in cluster.nodes], "root": str(kit._root)}))
@@ -467,6 +473,90 @@ def test_interpreter_exit_stops_a_forgotten_cluster() -> None:
     assert all(can_listen(port) for port in report["ports"])
     assert not pathlib.Path(report["root"]).exists()
     assert "left running at exit" in completed.stderr
+
+
+def wait_until_gone(pids: typing.Iterable[int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while any(kit._alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still alive: {[pid for pid in pids if kit._alive(pid)]}"
+        time.sleep(0.05)
+
+
+@kit_only
+def test_a_killed_process_leaves_no_server() -> None:
+    """SIGKILL runs no atexit hook: the reaper process stops the servers and removes the kit's directory."""
+    code = textwrap.dedent(
+        """
+        import json, os, signal
+        from db_retry.testing import PostgresCluster, cluster as kit
+
+        cluster = PostgresCluster(standbys=1).start()
+        pids = [node.pid for node in cluster.nodes]
+        report = {"pids": pids, "ports": [node.port for node in cluster.nodes], "root": str(kit._root)}
+        print(json.dumps({**report, "reaper": kit._reaper.pid}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    completed = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert completed.returncode == -signal.SIGKILL, completed.stderr
+    report = json.loads(completed.stdout)
+    assert len(report["pids"]) == 2
+    wait_until_gone([*report["pids"], report["reaper"]])
+    assert all(can_listen(port) for port in report["ports"])
+    assert not pathlib.Path(report["root"]).exists()
+
+
+async def test_the_reaper_stops_what_it_watches(fresh_cluster: ClusterFactory, tmp_path: pathlib.Path) -> None:
+    cluster = fresh_cluster(standbys=1)
+    pids = [node.pid for node in cluster.nodes]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    reaper = kit._Reaper()
+    for node in cluster.nodes:
+        reaper.watch(node)
+    reaper.remove_at_end(scratch)
+    reaper_pid = reaper.pid
+    assert reaper_pid is not None
+    assert pids[0] is not None
+    assert all(kit._alive(pid) for pid in pids if pid is not None)
+
+    reaper.close()  # as if this process had ended
+
+    assert reaper.pid is None
+    assert not kit._alive(reaper_pid)
+    assert not any(kit._alive(pid) for pid in pids if pid is not None)
+    assert not scratch.exists()
+    assert "immediate shutdown request" in cluster.primary.log_path.read_text()
+    reaper.close()  # closing twice is harmless
+
+
+def test_without_a_reaper_the_kit_still_works(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with caplog.at_level(logging.WARNING, logger=kit.__name__):
+        reaper = kit._Reaper()
+    assert reaper.pid is None
+    assert "no reaper process" in caplog.text
+    reaper.remove_at_end(tmp_path)  # nothing to tell: a no-op
+    reaper.close()
+    assert tmp_path.exists()
+
+
+def test_a_reaper_that_died_is_reported_once(caplog: pytest.LogCaptureFixture, tmp_path: pathlib.Path) -> None:
+    reaper = kit._Reaper()
+    pid = reaper.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until_gone([pid])
+    with caplog.at_level(logging.WARNING, logger=kit.__name__):
+        reaper.remove_at_end(tmp_path)
+        reaper.remove_at_end(tmp_path)
+    assert caplog.text.count("the reaper process is gone") == 1
+    assert reaper.pid is None
+    assert tmp_path.exists()
 
 
 # -- accounts -----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ nothing is ever stopped by name.
 
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
@@ -15,6 +16,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -341,20 +343,96 @@ class _Template:
             return cls._made[key]
 
 
+# The reaper's program. It reads "node" and "root" lines until end of file, which comes when the process
+# that started the kit ends, however it ends: also on SIGKILL, or SIGTERM with its default action, where
+# no atexit hook runs. Then it stops every server of that process still running, through pg_ctl by the PID
+# in postmaster.pid, as the account that runs it, and removes the kit's directories.
+_REAPER_PROGRAM: typing.Final = """# db-retry test kit reaper: stops the servers of a process that ended
+import os, shutil, subprocess, sys
+nodes, roots = [], []
+for line in sys.stdin:
+    kind, *fields = line.rstrip("\\n").split("\\t")
+    (nodes if kind == "node" else roots).append(fields)
+for uid, gid, pg_ctl, data_dir in nodes:
+    if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
+        switch = {} if int(uid) == os.geteuid() else {"user": int(uid), "group": int(gid), "extra_groups": []}
+        stop = [pg_ctl, "-D", data_dir, "-m", "immediate", "-t", "60", "-w", "stop"]
+        subprocess.run(stop, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, **switch)
+for (root,) in roots:
+    shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+class _Reaper:
+    """A small process that outlives this one and stops the kit's servers if this one dies without doing so.
+
+    It runs in a session of its own, so a signal sent to this process's group does not reach it.
+    """
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[str] | None
+        try:
+            self._process = subprocess.Popen(  # noqa: S603 - this interpreter, running the fixed program above
+                [sys.executable, "-I", "-c", _REAPER_PROGRAM],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                text=True,
+            )
+        except OSError as exc:  # e.g. an interpreter this (unprivileged) user may not execute
+            logger.warning("no reaper process (%s): servers will outlive this process if it is killed", exc)
+            self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def _send(self, *fields: object) -> None:
+        if self._process is None:
+            return
+        stdin = typing.cast("typing.IO[str]", self._process.stdin)
+        try:
+            stdin.write("\t".join(map(str, fields)) + "\n")
+            stdin.flush()
+        except OSError as exc:
+            logger.warning("the reaper process is gone (%s): servers will outlive this process if it is killed", exc)
+            self.close()
+
+    def watch(self, node: "PostgresNode") -> None:
+        """Stop ``node`` if this process ends while it runs."""
+        self._send("node", node.account.uid, node.account.gid, node.bindir / "pg_ctl", node.data_dir)
+
+    def remove_at_end(self, directory: pathlib.Path) -> None:
+        self._send("root", directory)
+
+    def close(self) -> None:
+        """Let the reaper do its work now (there is none left after a clean stop) and wait for it."""
+        if self._process is not None:
+            process, self._process = self._process, None
+            with contextlib.suppress(OSError):  # a reaper that died leaves a broken pipe
+                typing.cast("typing.IO[str]", process.stdin).close()
+            process.wait(timeout=120)
+
+
 _ROOT_LOCK = threading.Lock()
 _root: pathlib.Path | None = None
+_reaper: _Reaper | None = None
 _live: "set[PostgresCluster]" = set()
 
 
-def _kit_root(account: _Account) -> pathlib.Path:
+def _kit_root(account: _Account) -> tuple[pathlib.Path, _Reaper]:
     """A per-process directory, owned by the server account, holding the template and every cluster."""
-    global _root  # noqa: PLW0603
+    global _root, _reaper  # noqa: PLW0603
     with _ROOT_LOCK:
+        if _reaper is None:
+            _reaper = _Reaper()
         if _root is None or not _root.exists():
             _root = pathlib.Path(tempfile.mkdtemp(prefix="db-retry-pg-"))
             os.chmod(_root, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
             account.own(_root)
-        return _root
+            _reaper.remove_at_end(_root)
+        return _root, _reaper
 
 
 class PostgresCluster:
@@ -382,6 +460,7 @@ class PostgresCluster:
         self.nodes: list[PostgresNode] = []
         self.directory: pathlib.Path | None = None
         self._counter = 0
+        self._reaper: _Reaper | None = None
 
     def __repr__(self) -> str:
         nodes = ", ".join(f"{node.name}@{node.address}" for node in self.nodes)
@@ -392,7 +471,7 @@ class PostgresCluster:
         if self.directory is not None:
             msg = f"{self!r} is already started"
             raise ClusterError(msg)
-        root = _kit_root(self.account)
+        root, self._reaper = _kit_root(self.account)
         template = _Template.get(self.bindir, self.account, root)
         self.directory = pathlib.Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=root))
         os.chmod(self.directory, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
@@ -431,14 +510,14 @@ class PostgresCluster:
         self.stop()
 
     def _new_node(self, role: str) -> PostgresNode:
-        if self.directory is None:
+        if self.directory is None or self._reaper is None:
             msg = f"{self!r} is not started"
             raise ClusterError(msg)
         if role == "standby":
             self._counter += 1
             role = f"standby{self._counter}"
         name = role
-        return PostgresNode(
+        node = PostgresNode(
             name=name,
             port=0,
             data_dir=self.directory / name,
@@ -446,6 +525,8 @@ class PostgresCluster:
             bindir=self.bindir,
             account=self.account,
         )
+        self._reaper.watch(node)
+        return node
 
     def _start_on_free_port(self, node: PostgresNode, attempts: int = 5) -> None:
         """Start ``node`` on a free port; if another process takes the port before the server binds it, try another."""
@@ -554,3 +635,5 @@ def _stop_all_at_exit() -> None:
         cluster.stop()
     if _root is not None:
         shutil.rmtree(_root, ignore_errors=True)
+    if _reaper is not None:
+        _reaper.close()
