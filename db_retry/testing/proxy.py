@@ -27,6 +27,7 @@ __all__ = [
     "MessagePredicate",
     "ProxiedCluster",
     "ProxyMode",
+    "ProxyOptions",
     "TcpProxy",
     "query_starts_with",
 ]
@@ -508,7 +509,8 @@ class TcpProxy:
         if trigger.once:
             self._trigger = None
         link.holding = True
-        logger.info("%s: will cut after %r once the server has answered it", self.name, message)
+        # The message kind only: its SQL may hold a secret (ALTER ROLE ... PASSWORD).
+        logger.info("%s: will cut after this %r message once the server has answered it", self.name, message.kind)
 
     async def _cut_after_reply(self, link: _Link) -> None:
         link.check_replied()
@@ -530,6 +532,14 @@ class TcpProxy:
         link.replied.set()  # the server closed: no answer will come, let a pending cut go ahead
 
 
+class ProxyOptions(typing.TypedDict, total=False):
+    """Options :class:`ProxiedCluster` passes to each of its :class:`TcpProxy` objects."""
+
+    port: int
+    connect_timeout: float
+    reply_timeout: float
+
+
 class ProxiedCluster:
     """One :class:`TcpProxy` in front of every node of a started :class:`PostgresCluster`.
 
@@ -537,9 +547,9 @@ class ProxiedCluster:
     ``cluster.nodes``) and a rebuild of a node on its own port. Use ``async with ProxiedCluster(cluster)``.
     """
 
-    def __init__(self, cluster: PostgresCluster, **proxy_options: typing.Any) -> None:  # noqa: ANN401
+    def __init__(self, cluster: PostgresCluster, **options: typing.Unpack[ProxyOptions]) -> None:
         self.cluster = cluster
-        self._options = proxy_options
+        self._options = options
         self.proxies: dict[PostgresNode, TcpProxy] = {}
 
     def __repr__(self) -> str:
