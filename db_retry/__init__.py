@@ -7,6 +7,7 @@ from db_retry.dsn import DSNError, build_db_dsn, is_dsn_multihost
 from db_retry.health import HealthReport, HostStatus, check_hosts
 from db_retry.retriable import ErrorKind, is_retriable
 from db_retry.retry import RetryEvent, postgres_retry, wait_for_error
+from db_retry.routing import ReplicaStatus, RoutingSession, RoutingSessionMaker
 from db_retry.settings import SettingsError
 from db_retry.transaction import CommitOutcomeUnknownError, Transaction
 
@@ -21,7 +22,10 @@ __all__ = [
     "HealthReport",
     "HostStatus",
     "NoHostAvailableError",
+    "ReplicaStatus",
     "RetryEvent",
+    "RoutingSession",
+    "RoutingSessionMaker",
     "SettingsError",
     "Transaction",
     "build_connection_factory",
