@@ -21,6 +21,10 @@ import typing
 import pytest
 import sqlalchemy
 
+
+if typing.TYPE_CHECKING:
+    import pluggy
+
 from db_retry.testing.cluster import PostgresCluster
 
 
@@ -120,15 +124,17 @@ def _clusters_used_by(item: pytest.Item) -> list[PostgresCluster]:
     return clusters
 
 
-@pytest.hookimpl(wrapper=True)
+# An old-style wrapper: it works with every pluggy that pytest >= 7 may come with, and this module is
+# imported by every pytest run in an environment where db-retry is installed.
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item,
-) -> collections.abc.Generator[None, pytest.TestReport, pytest.TestReport]:
+) -> collections.abc.Generator[None, "pluggy.Result[pytest.TestReport]", None]:
     """Attach the server log tails of the clusters a failed test used to its report."""
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     if report.failed:
         for cluster in _clusters_used_by(item):
             for node in cluster.nodes:
                 title = f"server log {cluster.name}/{node.name} ({node.address})"
                 report.sections.append((title, node.log_tail()))
-    return report
