@@ -888,8 +888,9 @@ def goals(data: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
         goal(
             "decorator overhead ≤ reference's",
             ours <= ref,
-            f"+{ours:.0f} ns vs +{ref:.0f} ns per call (interquartile range of the rounds: "
-            f"{spread['ours'][0]:.0f}–{spread['ours'][2]:.0f} vs {spread['reference'][0]:.0f}–{spread['reference'][2]:.0f})",
+            f"+{ours:.0f} ns vs +{ref:.0f} ns per call (middle half of the rounds: "
+            f"{spread['ours'][0]:.0f} to {spread['ours'][2]:.0f} vs "
+            f"{spread['reference'][0]:.0f} to {spread['reference'][2]:.0f})",
         )
     return found
 
