@@ -5,11 +5,13 @@ objects) is built only after a first failure that is worth retrying.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
 import typing
+import weakref
 
 import tenacity
 from tenacity.stop import stop_base
@@ -120,6 +122,44 @@ class _Budget(stop_base):
         return max(0.0, min(limits, default=float("inf")))
 
 
+class _Contention:
+    """How many calls of one decorated function are retrying after a conflict right now."""
+
+    __slots__ = ("conflicted",)
+
+    def __init__(self) -> None:
+        self.conflicted = 0
+
+
+# How long a queued caller waits for its turn, in conflict waits (``conflict_max_delay``): a queue of
+# callers whose attempts take a few milliseconds each drains well within it; a stuck turn does not hold
+# the others for longer.
+_GATE_PATIENCE: typing.Final = 10
+_GATES: typing.Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def _conflict_gate(function: str, patience: float) -> typing.AsyncIterator[None]:
+    """Let the retries of ``function`` that follow a conflict run one at a time (per event loop).
+
+    Callers that just lost a serialization conflict or a deadlock usually contend for the same rows:
+    run together again, all but one lose again. Queued, each runs alone against at most the first
+    attempts of other calls. A caller waits at most ``patience`` seconds for its turn, then goes ahead.
+    """
+    lock = _GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(function, asyncio.Lock())
+    try:
+        await asyncio.wait_for(lock.acquire(), patience)
+    except TimeoutError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class _Policy:
     function: str
@@ -130,6 +170,7 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
+    contention: "_Contention" = dataclasses.field(default_factory=lambda: _Contention())  # noqa: PLW0108 - defined below
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -139,9 +180,14 @@ class _Policy:
 
     async def run(
         self,
-        first_error: Exception,
+        first_error: Exception | None,
         call: typing.Callable[[], typing.Awaitable[_T]],
     ) -> _T:
+        """Run ``call`` under the retry policy; ``first_error`` is the failure of an attempt already made.
+
+        Without one, the call came in while other calls of the function were retrying a conflict:
+        its first attempt queues behind theirs (see :func:`_conflict_gate`).
+        """
         settings = get_settings()
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
@@ -161,17 +207,33 @@ class _Policy:
             sleep=self.sleep or asyncio.sleep,
             reraise=True,
         )
-        pending: Exception | None = first_error
+        pending = first_error
+        conflicted = first_error is not None and classify(first_error) is ErrorKind.CONFLICT
+        gated = first_error is None or conflicted
+        if conflicted:
+            self.contention.conflicted += 1
         try:
-            async for attempt in retrying:
+            async for attempt in retrying:  # pragma: no branch - tenacity ends it by returning or raising
                 with attempt:
                     if pending is not None:
                         error, pending = pending, None
                         raise error  # the first attempt already ran: let tenacity account for it
-                    return await call()
+                    try:
+                        if not gated:
+                            return await call()
+                        async with _conflict_gate(self.function, settings.conflict_max_delay * _GATE_PATIENCE):
+                            return await call()
+                    except Exception as exc:
+                        if not conflicted and classify(exc) is ErrorKind.CONFLICT:
+                            conflicted = gated = True
+                            self.contention.conflicted += 1
+                        raise
         except Exception as exc:
             self._give_up(exc, retrying.statistics.get("attempt_number", 1))
             raise
+        finally:
+            if conflicted:
+                self.contention.conflicted -= 1
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
@@ -312,6 +374,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
+            if policy.contention.conflicted:  # a hot spot right now: queue behind the calls retrying it
+                return await policy.run(None, functools.partial(f, *args, **kwargs))
             try:
                 return await f(*args, **kwargs)
             except Exception as exc:

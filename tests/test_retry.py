@@ -15,6 +15,7 @@ from advanced_alchemy.exceptions import RepositoryError, wrap_sqlalchemy_excepti
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry import ErrorKind, RetryEvent, Transaction, postgres_retry, wait_for_error
+from db_retry import retry as retry_module
 from db_retry.settings import get_settings
 
 
@@ -207,6 +208,74 @@ async def test_ambiguous_commits_are_retried_only_on_request() -> None:
     work, calls = _failing([Unknown()])
     assert await postgres_retry(retry_ambiguous_commit=True, sleep=_no_sleep)(work)() == "done"
     assert len(calls) == 2
+
+
+# -- contention -------------------------------------------------------------------------------------
+
+
+async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
+    release = asyncio.Event()
+    conflicted = asyncio.Event()
+    order: list[str] = []
+
+    async def held_sleep(_: float) -> None:
+        await release.wait()  # keeps the first call in its conflict retry while the second arrives
+
+    @postgres_retry(sleep=held_sleep)
+    async def hot(name: str) -> str:
+        order.append(name)
+        if name == "first" and not conflicted.is_set():
+            conflicted.set()
+            raise _Coded("40001")
+        return name
+
+    first = asyncio.create_task(hot("first"))
+    await conflicted.wait()
+    gates = retry_module._GATES.setdefault(asyncio.get_running_loop(), {})
+    gates.pop(hot.__qualname__, None)
+    assert await hot("second") == "second"  # a conflict is being retried: this call took the gate
+    assert hot.__qualname__ in gates
+    release.set()
+    assert await first == "first"
+    assert order == ["first", "second", "first"]
+
+    @postgres_retry
+    async def calm() -> str:
+        return "parallel again"
+
+    assert await calm() == "parallel again"
+
+
+async def test_a_stuck_turn_holds_the_queue_only_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_RETRY_CONFLICT_MAX_DELAY", "0.005")  # patience: 10 x 5 ms
+    work, calls = _failing([_Coded("40001")])
+    decorated = postgres_retry(sleep=_no_sleep)(work)
+    lock = retry_module._GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(
+        "_failing.<locals>.work",
+        asyncio.Lock(),
+    )
+    async with lock:  # someone else's turn that never ends
+        assert await decorated() == "done"
+    assert len(calls) == 2
+
+
+async def test_many_writers_on_one_hot_row_all_succeed_with_the_default_budget(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("INSERT INTO retry_items VALUES (1, '0')"))
+
+    @postgres_retry
+    async def increment() -> None:
+        async with Transaction(session=AsyncSession(engine), isolation_level="SERIALIZABLE") as transaction:
+            note = await transaction.session.scalar(sa.text("SELECT note FROM retry_items WHERE id = 1"))
+            await transaction.session.execute(
+                sa.text("UPDATE retry_items SET note = :note WHERE id = 1"),
+                {"note": str(int(str(note)) + 1)},
+            )
+            await transaction.commit()
+
+    await asyncio.gather(*(increment() for _ in range(16)))
+    async with engine.connect() as connection:
+        assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "16"
 
 
 # -- backoff ------------------------------------------------------------------------------------------
