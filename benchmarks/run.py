@@ -615,6 +615,7 @@ async def bench_serializable(context: Context, cluster: PostgresCluster) -> list
                 "calls": len(calls),
                 "succeeded": succeeded,
                 "failed": len(calls) - succeeded,
+                "attempts_per_call": result["attempts"] / max(1, len(calls)),
                 "errors": result["errors"],
                 "p50_ms": ms(percentile(latencies, 50)),
                 "p95_ms": ms(percentile(latencies, 95)),
@@ -626,6 +627,7 @@ async def bench_serializable(context: Context, cluster: PostgresCluster) -> list
         for key, metric in (
             ("commits_per_s", "commits/s"),
             ("failed", "calls failed after retries"),
+            ("attempts_per_call", "attempts per call (mean)"),
             ("p50_ms", "call latency p50 ms"),
             ("p95_ms", "call latency p95 ms"),
             ("p99_ms", "call latency p99 ms"),

@@ -153,8 +153,12 @@ async def serializable(params: Params) -> Result:
     engine = make_engine(params["dsn"], pool_size=workers)
     session_factory = async_sessionmaker(engine, expire_on_commit=False)
 
+    attempts = 0
+
     @postgres_retry
     async def increment() -> None:
+        nonlocal attempts
+        attempts += 1
         async with Transaction(session=session_factory(), isolation_level="SERIALIZABLE") as transaction:
             value = (await transaction.session.execute(SELECT_COUNTER)).scalar_one()
             await transaction.session.execute(UPDATE_COUNTER, {"n": value + 1})
@@ -185,6 +189,7 @@ async def serializable(params: Params) -> Result:
         "deadline": deadline,
         "finished": finished,
         "calls": calls,
+        "attempts": attempts,
         "errors": dict(errors),
     }
 
