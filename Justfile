@@ -29,7 +29,7 @@ test: lint
 test-lowest:
     rm -rf "{{ lowest }}"
     python3 -m venv "{{ lowest }}"
-    "{{ lowest }}/bin/python" -c {{ quote(pins) }} pyproject.toml > "{{ lowest }}/constraints.txt"
+    @"{{ lowest }}/bin/python" -c {{ quote(pins) }} pyproject.toml > "{{ lowest }}/constraints.txt"
     @echo "lowest supported versions:" && cat "{{ lowest }}/constraints.txt"
     "{{ lowest }}/bin/python" -m pip install -q -c "{{ lowest }}/constraints.txt" -e '.[dev]'
     "{{ lowest }}/bin/pytest" -q

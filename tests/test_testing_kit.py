@@ -702,6 +702,27 @@ def test_alive_sees_through_zombies() -> None:
     assert kit._alive(os.getpid())
 
 
+def test_wait_gone(tmp_path: pathlib.Path) -> None:
+    node = PostgresNode(
+        name="n", port=1, data_dir=tmp_path, log_path=tmp_path / "n.log", bindir=tmp_path,
+        account=kit._Account(uid=os.geteuid(), gid=os.getegid(), name="me"),
+    )  # fmt: skip
+    brief = subprocess.Popen(["/bin/sleep", "0.3"])
+    try:
+        started = time.monotonic()
+        node._wait_gone(brief.pid)
+        assert time.monotonic() - started >= 0.2
+    finally:
+        brief.wait()
+    lasting = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        with pytest.raises(ClusterError, match=f"n: postmaster {lasting.pid} still alive 0.1s after SIGQUIT"):
+            node._wait_gone(lasting.pid, timeout=0.1)
+    finally:
+        lasting.kill()
+        lasting.wait()
+
+
 def test_pid_file_states(tmp_path: pathlib.Path) -> None:
     node = PostgresNode(
         name="n", port=1, data_dir=tmp_path, log_path=tmp_path / "n.log", bindir=tmp_path,

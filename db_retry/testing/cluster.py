@@ -267,8 +267,8 @@ class PostgresNode:
             if not _alive(pid):
                 return
             time.sleep(0.02)
-        msg = f"{self.name}: postmaster {pid} still alive {timeout}s after SIGQUIT"  # pragma: no cover
-        raise ClusterError(msg)  # pragma: no cover
+        msg = f"{self.name}: postmaster {pid} still alive {timeout}s after SIGQUIT"
+        raise ClusterError(msg)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
