@@ -21,11 +21,11 @@ import typing
 import pytest
 import sqlalchemy
 
+from db_retry.testing.cluster import PostgresCluster
+
 
 if typing.TYPE_CHECKING:
     import pluggy
-
-from db_retry.testing.cluster import PostgresCluster
 
 
 __all__ = [
