@@ -70,6 +70,34 @@ async def _run(
     return seen
 
 
+async def _retried_inside(
+    fault: collections.abc.Callable[[], contextlib.AbstractAsyncContextManager[object]],
+    work: Work,
+    *,
+    retries: int | None = None,
+) -> tuple[object, _Seen]:
+    """Enter ``fault``, run ``work`` under ``postgres_retry``, and lift the fault at the first retry."""
+    seen = _Seen()
+    entered = asyncio.Event()
+
+    async def hold() -> None:
+        async with fault():
+            entered.set()
+            await seen.first.wait()
+
+    injector = asyncio.create_task(hold())
+    ready = asyncio.create_task(entered.wait())
+    await asyncio.wait([injector, ready], return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if injector.done():
+        injector.result()  # the fault could not be set up: say why
+    try:
+        result = await asyncio.wait_for(postgres_retry(retries=retries, on_retry=seen)(work)(), 60)
+    finally:
+        await asyncio.wait_for(injector, 60)
+    return result, seen
+
+
 SLEEP = "SELECT pg_sleep(30)"
 
 
@@ -139,25 +167,16 @@ async def test_57p02_crash_of_another_backend(fresh_cluster: typing.Callable[...
 async def test_57p03_server_not_accepting_yet(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
     node = fresh_cluster().primary
     engine = _engine(node)
-    holding = asyncio.Event()
 
     async def work() -> object:
         async with engine.connect() as connection:
             return await connection.scalar(sa.text("SELECT 1"))
 
-    async def shutting_down(seen: _Seen) -> None:
-        async with faults.cannot_connect_now(node):
-            holding.set()
-            await seen.first.wait()
-
-    seen = _Seen()
-    injector = asyncio.create_task(shutting_down(seen))
-    await holding.wait()
     try:
-        assert await asyncio.wait_for(postgres_retry(retries=1, on_retry=seen)(work)(), 60) == 1
+        result, seen = await _retried_inside(lambda: faults.cannot_connect_now(node), work, retries=1)
     finally:
-        await asyncio.wait_for(injector, 60)
         await engine.dispose()
+    assert result == 1
     assert seen.sqlstates[0] == "57P03"
     assert set(seen.kinds) == {ErrorKind.UNAVAILABLE}  # retries=1, yet it waited: the work never started
 
@@ -192,25 +211,16 @@ async def test_53300_role_connection_limit(pg_cluster: PostgresCluster) -> None:
 async def test_53300_max_connections_exhausted(fresh_cluster: typing.Callable[..., PostgresCluster]) -> None:
     node = fresh_cluster().primary
     engine = _engine(node)
-    full = asyncio.Event()
 
     async def work() -> object:
         async with engine.connect() as connection:
             return await connection.scalar(sa.text("SELECT 1"))
 
-    async def exhaust(seen: _Seen) -> None:
-        async with faults.exhaust_connections(node):
-            full.set()
-            await seen.first.wait()
-
-    seen = _Seen()
-    injector = asyncio.create_task(exhaust(seen))
-    await full.wait()
     try:
-        assert await asyncio.wait_for(postgres_retry(on_retry=seen)(work)(), 60) == 1
+        result, seen = await _retried_inside(lambda: faults.exhaust_connections(node), work)
     finally:
-        await asyncio.wait_for(injector, 60)
         await engine.dispose()
+    assert result == 1
     assert seen.sqlstates[0] == "53300"
 
 
@@ -218,25 +228,16 @@ async def test_25006_write_on_a_demoted_node(fresh_cluster: typing.Callable[...,
     node = fresh_cluster().primary
     await node.execute("CREATE TABLE writes (id serial PRIMARY KEY)")
     engine = _engine(node)
-    demoted = asyncio.Event()
 
     async def work() -> object:
         async with engine.begin() as connection:
             return await connection.scalar(sa.text("INSERT INTO writes DEFAULT VALUES RETURNING id"))
 
-    async def demote(seen: _Seen) -> None:
-        async with faults.read_only(node):
-            demoted.set()
-            await seen.first.wait()
-
-    seen = _Seen()
-    injector = asyncio.create_task(demote(seen))
-    await demoted.wait()
     try:
-        assert await asyncio.wait_for(postgres_retry(retries=50, on_retry=seen)(work)(), 60) == 1
+        result, seen = await _retried_inside(lambda: faults.read_only(node), work, retries=50)
     finally:
-        await asyncio.wait_for(injector, 60)
         await engine.dispose()
+    assert result == 1
     assert seen.sqlstates[0] == "25006"
     assert seen.kinds[0] is ErrorKind.OUTAGE
     assert await node.fetchval("SELECT count(*) FROM writes") == 1  # the failed attempts wrote nothing
