@@ -1029,7 +1029,8 @@ def describe_run(meta: dict[str, typing.Any]) -> str:
     return (
         f"{meta['date']} · {host['nproc']} CPUs ({host['cpu']}), {host['memory_gib']} GiB, Linux {host['kernel']}"
         f" · 1-minute load average {meta['load_average'][0]:.1f} to {meta['load_average'][1]:.1f}"
-        f" · PostgreSQL {meta['server_version']} · Python {meta['python']} · ours at {meta['source']} · {versions}"
+        f" · PostgreSQL {meta['server_version'] or '(no server started)'} · Python {meta['python']}"
+        f" · ours at {meta['source']} · {versions}"
         f"\n`{meta['command']}`"
     )
 
