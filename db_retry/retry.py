@@ -150,7 +150,8 @@ async def _conflict_gate(function: str, patience: float) -> typing.AsyncIterator
     """
     lock = _GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(function, asyncio.Lock())
     try:
-        await asyncio.wait_for(lock.acquire(), patience)
+        async with asyncio.timeout(patience):
+            await lock.acquire()
     except TimeoutError:
         yield
         return
@@ -178,16 +179,25 @@ class _Policy:
             return kind
         return None
 
+    async def run_queued(self, call: typing.Callable[[], typing.Awaitable[_T]]) -> _T:
+        """A call that came in while others of its function retry a conflict: its turn comes after theirs."""
+        try:
+            async with _conflict_gate(self.function, get_settings().conflict_max_delay * _GATE_PATIENCE):
+                return await call()
+        except Exception as exc:
+            if self.retried_kind(exc) is None:
+                raise
+            first_error = exc
+        return await self.run(first_error, call, queued=True)
+
     async def run(
         self,
-        first_error: Exception | None,
+        first_error: Exception,
         call: typing.Callable[[], typing.Awaitable[_T]],
+        *,
+        queued: bool = False,
     ) -> _T:
-        """Run ``call`` under the retry policy; ``first_error`` is the failure of an attempt already made.
-
-        Without one, the call came in while other calls of the function were retrying a conflict:
-        its first attempt queues behind theirs (see :func:`_conflict_gate`).
-        """
+        """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
         settings = get_settings()
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
@@ -207,9 +217,9 @@ class _Policy:
             sleep=self.sleep or asyncio.sleep,
             reraise=True,
         )
-        pending = first_error
-        conflicted = first_error is not None and classify(first_error) is ErrorKind.CONFLICT
-        gated = first_error is None or conflicted
+        pending: Exception | None = first_error
+        conflicted = classify(first_error) is ErrorKind.CONFLICT
+        gated = queued or conflicted
         if conflicted:
             self.contention.conflicted += 1
         try:
@@ -372,10 +382,12 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             sleep=sleep,
         )
 
+        contention = policy.contention  # a closure variable: the cheapest check on the success path
+
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if policy.contention.conflicted:  # a hot spot right now: queue behind the calls retrying it
-                return await policy.run(None, functools.partial(f, *args, **kwargs))
+            if contention.conflicted:  # a hot spot right now: queue behind the calls retrying it
+                return await policy.run_queued(functools.partial(f, *args, **kwargs))
             try:
                 return await f(*args, **kwargs)
             except Exception as exc:

@@ -5,6 +5,7 @@ import collections.abc
 import contextlib
 import itertools
 import os
+import re
 import secrets
 
 import asyncpg
@@ -61,16 +62,22 @@ async def start_sleeping(node: PostgresNode, connection: "asyncpg.Connection[asy
     return query
 
 
-def fatal_error(exc: BaseException) -> tuple[str, str]:
-    """The SQLSTATE and message of the FATAL error that ended a session.
+def fatal_error(exc: BaseException, node: PostgresNode, pid: int) -> tuple[str, str]:
+    """The SQLSTATE and message of the FATAL error that ended the session of backend ``pid``.
 
-    asyncpg (0.29 to 0.32) raises ``ConnectionDoesNotExistError`` (08003) for a query whose session the
-    server ended, with the server's own error (e.g. ``AdminShutdownError``, 57P01) as its cause.
+    asyncpg raises ``ConnectionDoesNotExistError`` (08003) for a query whose session the server ended.
+    From 0.32 on, the server's own error (e.g. ``AdminShutdownError``, 57P01) is its cause; older
+    versions drop it, so it is read from the server's log instead (the kit logs each message's SQLSTATE).
     """
     assert isinstance(exc, asyncpg.ConnectionDoesNotExistError)
     cause = exc.__cause__
-    assert isinstance(cause, asyncpg.PostgresError)
-    return cause.sqlstate, str(cause)
+    if isinstance(cause, asyncpg.PostgresError):
+        return cause.sqlstate, str(cause)
+    for line in node.log_tail(400).splitlines():
+        logged = re.search(rf"\[{pid}\] (\w{{5}}) .*FATAL:  (.*)$", line)
+        if logged:
+            return logged[1], logged[2]
+    pytest.fail(f"no FATAL message of backend {pid} in the log of {node.name}")
 
 
 async def count_sessions(node: PostgresNode) -> int:
@@ -92,7 +99,10 @@ async def test_terminate_backends_ends_a_running_query_with_57P01(cluster: Postg
         assert await faults.terminate_backends(primary, application_name="victim") == 1
         with pytest.raises(asyncpg.ConnectionDoesNotExistError) as ended:
             await running
-        assert fatal_error(ended.value) == ("57P01", "terminating connection due to administrator command")
+        assert fatal_error(ended.value, primary, victim.get_server_pid()) == (
+            "57P01",
+            "terminating connection due to administrator command",
+        )
         assert await bystander.fetchval("SELECT 1") == 1
         assert await faults.terminate_backends(primary, database="no_such_db") == 0
         assert await faults.terminate_backends(primary, database="postgres", pids=[bystander.get_server_pid()]) == 1
@@ -104,11 +114,15 @@ async def test_terminate_backends_ends_a_running_query_with_57P01(cluster: Postg
 
 async def test_fast_restart_ends_a_running_query_with_57P01(primary: PostgresNode) -> None:  # noqa: N802
     async with session(primary) as (connection, _):
+        pid = connection.get_server_pid()
         running = await start_sleeping(primary, connection)
         await faults.restart(primary, "fast")
         with pytest.raises(asyncpg.ConnectionDoesNotExistError) as ended:
             await running
-        assert fatal_error(ended.value) == ("57P01", "terminating connection due to administrator command")
+        assert fatal_error(ended.value, primary, pid) == (
+            "57P01",
+            "terminating connection due to administrator command",
+        )
     assert await primary.fetchval("SELECT 1") == 1
 
 

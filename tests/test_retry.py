@@ -224,7 +224,9 @@ async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
     @postgres_retry(sleep=held_sleep)
     async def hot(name: str) -> str:
         order.append(name)
-        if name == "first" and not conflicted.is_set():
+        if name == "bug":
+            raise ValueError(name)
+        if order.count(name) == 1 and name != "second":
             conflicted.set()
             raise _Coded("40001")
         return name
@@ -235,9 +237,13 @@ async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
     gates.pop(hot.__qualname__, None)
     assert await hot("second") == "second"  # a conflict is being retried: this call took the gate
     assert hot.__qualname__ in gates
+    with pytest.raises(ValueError, match="bug"):
+        await hot("bug")  # a queued call's own error still propagates at once
+    third = asyncio.create_task(hot("third"))  # queued, conflicts, and retries like any other
+    await asyncio.sleep(0.01)
     release.set()
-    assert await first == "first"
-    assert order == ["first", "second", "first"]
+    assert await asyncio.gather(first, third) == ["first", "third"]
+    assert order == ["first", "second", "bug", "third", "first", "third"]
 
     @postgres_retry
     async def calm() -> str:

@@ -57,7 +57,7 @@ _SERVER_SETTINGS: typing.Final = {
     "checkpoint_timeout": "30min",
     "max_prepared_transactions": "10",
     "log_min_messages": "warning",
-    "log_line_prefix": "'%m [%p] %q%u@%d '",
+    "log_line_prefix": "'%m [%p] %e %q%u@%d '",
     "deadlock_timeout": "100ms",
 }
 
