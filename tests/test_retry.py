@@ -242,7 +242,7 @@ async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
     third = asyncio.create_task(hot("third"))  # queued, conflicts, and retries like any other
     await asyncio.sleep(0.01)
     release.set()
-    assert await asyncio.gather(first, third) == ["first", "third"]
+    assert list(await asyncio.gather(first, third)) == ["first", "third"]
     assert order == ["first", "second", "bug", "third", "first", "third"]
 
     @postgres_retry
