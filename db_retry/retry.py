@@ -122,15 +122,6 @@ class _Budget(stop_base):
         return max(0.0, min(limits, default=float("inf")))
 
 
-class _Contention:
-    """How many calls of one decorated function are retrying after a conflict right now."""
-
-    __slots__ = ("conflicted",)
-
-    def __init__(self) -> None:
-        self.conflicted = 0
-
-
 # How long a queued caller waits for its turn, in conflict waits (``conflict_max_delay``): a queue of
 # callers whose attempts take a few milliseconds each drains well within it; a stuck turn does not hold
 # the others for longer.
@@ -171,7 +162,8 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
-    contention: "_Contention" = dataclasses.field(default_factory=lambda: _Contention())  # noqa: PLW0108 - defined below
+    # Counts the calls of the function retrying after a conflict (+1 / -1); lives in the wrapper's closure.
+    count_conflicted: typing.Callable[[int], None]
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -221,7 +213,7 @@ class _Policy:
         conflicted = classify(first_error) is ErrorKind.CONFLICT
         gated = queued or conflicted
         if conflicted:
-            self.contention.conflicted += 1
+            self.count_conflicted(1)
         try:
             async for attempt in retrying:  # pragma: no branch - tenacity ends it by returning or raising
                 with attempt:
@@ -236,14 +228,14 @@ class _Policy:
                     except Exception as exc:
                         if not conflicted and classify(exc) is ErrorKind.CONFLICT:
                             conflicted = gated = True
-                            self.contention.conflicted += 1
+                            self.count_conflicted(1)
                         raise
         except Exception as exc:
             self._give_up(exc, retrying.statistics.get("attempt_number", 1))
             raise
         finally:
             if conflicted:
-                self.contention.conflicted -= 1
+                self.count_conflicted(-1)
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
@@ -303,6 +295,15 @@ class _Policy:
             )
 
 
+def _check_options(retries: object, timeout: object) -> None:
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 1):
+        msg = f"retries must be an integer >= 1 (total attempts), got {retries!r}"
+        raise ValueError(msg)
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        msg = f"timeout must be > 0 seconds, got {timeout!r}"
+        raise ValueError(msg)
+
+
 class _Decorator(typing.Protocol):
     def __call__(
         self,
@@ -358,12 +359,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``on_retry`` is called
     with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
     """
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 1):
-        msg = f"retries must be an integer >= 1 (total attempts), got {retries!r}"
-        raise ValueError(msg)
-    if timeout is not None and not timeout > 0:
-        msg = f"timeout must be > 0 seconds, got {timeout!r}"
-        raise ValueError(msg)
+    _check_options(retries, timeout)
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],
@@ -371,7 +367,14 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
+        conflicted = 0  # calls of ``f`` retrying after a conflict right now
+
+        def count_conflicted(delta: int) -> None:
+            nonlocal conflicted
+            conflicted += delta
+
         policy = _Policy(
+            count_conflicted=count_conflicted,
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,
@@ -382,11 +385,9 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             sleep=sleep,
         )
 
-        contention = policy.contention  # a closure variable: the cheapest check on the success path
-
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if contention.conflicted:  # a hot spot right now: queue behind the calls retrying it
+            if conflicted:  # a hot spot right now: queue behind the calls retrying it (a closure cell: cheap)
                 return await policy.run_queued(functools.partial(f, *args, **kwargs))
             try:
                 return await f(*args, **kwargs)
