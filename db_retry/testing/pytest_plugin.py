@@ -15,6 +15,7 @@ cluster fails, the tail of each server's log is attached to its report.
 
 import collections.abc
 import contextlib
+import importlib.util
 import os
 import typing
 
@@ -22,6 +23,7 @@ import pytest
 import sqlalchemy
 
 from db_retry.testing.cluster import PostgresCluster
+from db_retry.testing.proxy import ProxiedCluster
 
 
 if typing.TYPE_CHECKING:
@@ -114,6 +116,21 @@ def fresh_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[Cl
             return cluster.start()
 
         yield factory
+
+
+if importlib.util.find_spec("pytest_asyncio") is not None:  # pragma: no branch - the dev extra installs it
+    import pytest_asyncio
+
+    @pytest_asyncio.fixture
+    async def proxied_cluster(fresh_cluster: ClusterFactory) -> collections.abc.AsyncIterator[ProxiedCluster]:
+        """A new primary + standby with a :class:`~db_retry.testing.proxy.TcpProxy` in front of each node.
+
+        Connect through ``proxied_cluster.multihost_dsn(...)`` (or ``.proxy(node).address``) and break the
+        network with ``.primary.hang()``, ``.cut()``, ``.delay(s)`` or ``.cut_after_query("COMMIT")``;
+        the servers themselves are ``proxied_cluster.cluster``. Needs pytest-asyncio.
+        """
+        async with ProxiedCluster(fresh_cluster(standbys=1)) as proxied:
+            yield proxied
 
 
 def _clusters_used_by(item: pytest.Item) -> list[PostgresCluster]:
