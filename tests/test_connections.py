@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db_retry import DSNError, NoHostAvailableError, build_connection_factory, build_db_dsn
-from db_retry.connections import TARGET_SESSION_ATTRS
+from db_retry.connections import TARGET_SESSION_ATTRS, _Connector
+from db_retry.dsn import HostPort
 from db_retry.retriable import ErrorKind, classify
 from db_retry.testing import PostgresCluster
 
@@ -89,6 +90,15 @@ async def test_losing_attempts_leave_no_server_connection_behind(
         assert not await _in_recovery(connection)
     finally:
         await admin.close()
+
+
+async def test_prefer_standby_keeps_looking_after_reaching_the_primary(pg_cluster: PostgresCluster) -> None:
+    primary, standby = pg_cluster.primary, pg_cluster.standbys[0]
+    factory = build_connection_factory(_dsn(pg_cluster, "prefer-standby"), timeout=2, stagger=0.2)
+    assert isinstance(factory, _Connector)
+    factory.last_good = HostPort(primary.host, primary.port)  # the primary is tried first and answers first
+    assert await _in_recovery(await factory()) is True  # ... but a standby answered too: it wins
+    assert factory.last_good == HostPort(standby.host, standby.port)
 
 
 async def test_random_order_spreads_connections_over_hosts(pg_cluster: PostgresCluster) -> None:
