@@ -143,11 +143,17 @@ def build_db_dsn(
     """``db_dsn`` with the database and driver replaced and ``target_session_attrs`` set.
 
     ``target_session_attrs`` becomes ``prefer-standby`` when ``use_replica`` else ``read-write``;
-    every other query entry (all ``host=`` entries too) is kept.
+    every other query entry (all ``host=`` entries too) is kept. Several ``host=`` entries without
+    ports get the port they imply (5432 or ``port=``), written out, because SQLAlchemy's asyncpg
+    dialect refuses a multi-host URL with a missing port when ``create_async_engine`` parses it.
     """
     url = parse_url(db_dsn)
     query = dict(url.query)
     query["target_session_attrs"] = "prefer-standby" if use_replica else "read-write"
+    hosts = dsn_hosts(url)
+    if len(hosts) > 1 and "host" in query and not any(":" in host.host for host in hosts):
+        query["host"] = tuple(str(host) for host in hosts)
+        query.pop("port", None)
     return url.set(database=database_name, drivername=drivername, query=query)
 
 

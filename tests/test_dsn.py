@@ -2,6 +2,7 @@
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from db_retry import DSNError, build_db_dsn, is_dsn_multihost
 from db_retry.dsn import HostPort, dsn_hosts, mask_dsn, parse_url
@@ -26,6 +27,27 @@ def test_build_db_dsn_for_replicas_prefers_standby_and_defaults_the_driver() -> 
     assert url.query["target_session_attrs"] == "prefer-standby"
     assert url.drivername == "postgresql"
     assert (url.host, url.port, url.database) == ("db", 5432, "y")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "written"),
+    [
+        ("postgresql://u@/x?host=h1&host=h2:7", ("h1:5432", "h2:7")),
+        ("postgresql://u@/x?host=h1,h2&port=1,2", ("h1:1", "h2:2")),
+        ("postgresql://u@h1,h2/x", ("h1:5432", "h2:5432")),
+    ],
+)
+def test_build_db_dsn_writes_out_the_ports_sqlalchemy_requires(dsn: str, written: tuple[str, ...]) -> None:
+    url = build_db_dsn(dsn, "db", drivername="postgresql+asyncpg")
+    assert url.query["host"] == written
+    assert "port" not in url.query
+    engine = create_async_engine(url)  # SQLAlchemy parses the hosts here and needs every port
+    assert engine.url.query["host"] == written
+
+
+def test_build_db_dsn_leaves_single_hosts_and_ipv6_lists_alone() -> None:
+    assert build_db_dsn("postgresql://u@/x?host=h1&port=9", "db").query["host"] == "h1"
+    assert build_db_dsn("postgresql://u@/x?host=[::1]&host=::1", "db").query["host"] == ("[::1]", "::1")
 
 
 @pytest.mark.parametrize(
