@@ -69,7 +69,6 @@ class DemoConfig:
 class FaultRecord:
     name: str
     started: float
-    finished: float = 0.0
     time_lost: float | None = None  # the longest stretch without a commit, from the fault on; None: none since
 
 
@@ -239,7 +238,6 @@ class _Chaos:
             self.records.append(record)
             self.current = name
             await self._inject(name)
-            record.finished = self.workload.clock()
             self.current = "none"
 
     async def _inject(self, name: str) -> None:

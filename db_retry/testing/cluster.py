@@ -545,10 +545,8 @@ class PostgresCluster:
             else:
                 return
 
-    def add_standby(self, *, upstream: PostgresNode | None = None) -> PostgresNode:
-        """Clone ``upstream`` (default: the primary) with ``pg_basebackup -R`` and start it as a streaming standby."""
-        source = upstream or self.primary
-        node = self._new_node("standby")
+    def clone(self, source: PostgresNode, data_dir: pathlib.Path) -> None:
+        """Copy ``source`` into the empty or missing ``data_dir`` as a streaming standby (``pg_basebackup -R``)."""
         self.account.run(
             [
                 self.bindir / "pg_basebackup",
@@ -559,7 +557,7 @@ class PostgresCluster:
                 "-U",
                 SUPERUSER,
                 "-D",
-                node.data_dir,
+                data_dir,
                 "-R",
                 "-X",
                 "stream",
@@ -567,8 +565,13 @@ class PostgresCluster:
                 "fast",
                 "--no-sync",
             ],
-            cwd=node.data_dir.parent,
+            cwd=data_dir.parent,
         )
+
+    def add_standby(self, *, upstream: PostgresNode | None = None) -> PostgresNode:
+        """Clone ``upstream`` (default: the primary) with ``pg_basebackup -R`` and start it as a streaming standby."""
+        node = self._new_node("standby")
+        self.clone(upstream or self.primary, node.data_dir)
         self._start_on_free_port(node)
         self.nodes.append(node)
         return node

@@ -242,26 +242,7 @@ async def rebuild_as_standby(cluster: PostgresCluster, node: PostgresNode) -> Po
 
 def _reclone(cluster: PostgresCluster, node: PostgresNode, primary: PostgresNode) -> None:
     shutil.rmtree(node.data_dir)
-    cluster.account.run(
-        [
-            cluster.bindir / "pg_basebackup",
-            "-h",
-            primary.host,
-            "-p",
-            str(primary.port),
-            "-U",
-            SUPERUSER,
-            "-D",
-            node.data_dir,
-            "-R",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-            "--no-sync",
-        ],
-        cwd=node.data_dir.parent,
-    )
+    cluster.clone(primary, node.data_dir)
     with (node.data_dir / "postgresql.conf").open("a") as conf:
         conf.write(f"port = {node.port}\n")
 
