@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from db_retry.connections import TARGET_SESSION_ATTRS, ConnectionPlan, ConnectionType, session_role
 from db_retry.dsn import DSNError, HostPort, mask_dsn, parse_url
+from db_retry.replication import WAL_STATUS_QUERY, WalStatus, replay_lag
 
 
 if typing.TYPE_CHECKING:
@@ -33,39 +34,16 @@ __all__ = ["HealthReport", "HostStatus", "add_check_command", "check_hosts", "fo
 DEFAULT_TIMEOUT: typing.Final = 2.0
 Role = typing.Literal["primary", "standby"]
 
-# One round trip. WAL positions come back as byte offsets (``pg_lsn`` minus ``0/0``) so Python can
-# subtract them. Names are schema-qualified: a user's search_path cannot shadow them.
-_STATUS_QUERY: typing.Final = """
-WITH s AS (
-    SELECT pg_catalog.pg_is_in_recovery() AS standby,
-           pg_catalog.pg_last_wal_receive_lsn() AS received,
-           pg_catalog.pg_last_wal_replay_lsn() AS replayed,
-           pg_catalog.pg_last_xact_replay_timestamp() AS replayed_at
-)
-SELECT
-    pg_catalog.pg_wal_lsn_diff(
-        CASE WHEN standby THEN replayed ELSE pg_catalog.pg_current_wal_lsn() END, '0/0'
-    )::bigint AS position,
-    CASE WHEN standby AND received IS NOT NULL
-        THEN greatest(0, pg_catalog.pg_wal_lsn_diff(received, replayed))::bigint END AS unreplayed,
-    CASE WHEN NOT standby THEN NULL
-         WHEN received = replayed THEN 0
-         WHEN replayed_at IS NULL THEN NULL
-         ELSE greatest(0, extract(epoch FROM pg_catalog.now() - replayed_at))
-    END::float8 AS lag_seconds
-FROM s
-"""
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class HostStatus:
     """What one host answered. Fields a host could not tell are ``None``.
 
-    ``replay_lag_bytes``: for a standby, WAL the primary has written that this standby has not yet
-    replayed (the most advanced reachable primary's current position minus this standby's replay
-    position); ``None`` when no primary answered. ``unreplayed_bytes``: WAL this standby received
-    but has not replayed yet. ``replay_lag_seconds``: ``0`` when everything received is replayed,
-    else the age of the last replayed commit, which also counts time the primary spent idle.
+    ``replay_lag_bytes`` / ``replay_lag_seconds``: for a standby, its replay lag behind the most
+    advanced reachable primary (:func:`db_retry.replication.replay_lag`: bytes the primary has written
+    that this standby has not replayed; ``0`` seconds when none, else the age of the last replayed
+    commit); ``None`` when no primary answered. ``unreplayed_bytes``: WAL this standby received but
+    has not replayed yet.
     """
 
     address: HostPort
@@ -121,7 +99,7 @@ class HealthReport:
 class _Probe:
     status: HostStatus
     satisfies: frozenset[str] = frozenset()  # the target_session_attrs values this host meets
-    position: int | None = None  # a primary's current WAL position, a standby's replay position
+    wal: WalStatus | None = None
 
 
 def _reason(exc: BaseException, timeout: float, password: str) -> str:
@@ -169,7 +147,7 @@ async def _probe(address: HostPort, plan: ConnectionPlan) -> _Probe:
             )
             latency = loop.time() - started
             identity = await _identify(connection, address, latency)
-            row = await connection.fetchrow(_STATUS_QUERY)
+            wal = WalStatus.from_row(await connection.fetchrow(WAL_STATUS_QUERY))
             await connection.close()
     except Exception as exc:  # noqa: BLE001 - every failure of a host is a line in the report
         if connection is not None:
@@ -178,12 +156,8 @@ async def _probe(address: HostPort, plan: ConnectionPlan) -> _Probe:
         if identity is None:
             return _Probe(HostStatus(address=address, reachable=latency is not None, latency=latency, error=reason))
         return dataclasses.replace(identity, status=dataclasses.replace(identity.status, error=reason))
-    status = dataclasses.replace(
-        identity.status,
-        unreplayed_bytes=row["unreplayed"],
-        replay_lag_seconds=row["lag_seconds"],
-    )
-    return dataclasses.replace(identity, status=status, position=row["position"])
+    status = dataclasses.replace(identity.status, unreplayed_bytes=wal.unreplayed_bytes)
+    return dataclasses.replace(identity, status=status, wal=wal)
 
 
 def _pick(probes: typing.Sequence[_Probe], attrs: str) -> HostPort | None:
@@ -193,6 +167,14 @@ def _pick(probes: typing.Sequence[_Probe], attrs: str) -> HostPort | None:
     if attrs == "prefer-standby":
         return _pick(probes, "any")
     return None
+
+
+def _with_lag(probe: _Probe, primary_position: int | None) -> HostStatus:
+    """A standby's status with its replay lag behind the primary at ``primary_position``."""
+    if probe.wal is None or not probe.wal.in_recovery:
+        return probe.status
+    lag = replay_lag(primary_position, probe.wal)
+    return dataclasses.replace(probe.status, replay_lag_bytes=lag.bytes, replay_lag_seconds=lag.seconds)
 
 
 async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> HealthReport:
@@ -212,14 +194,8 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
         msg = f"DSN {masked!r} names no host; the check needs host:port"
         raise DSNError(msg)
     probes = await asyncio.gather(*(_probe(address, plan) for address in plan.hosts))
-    primaries = [probe.position for probe in probes if probe.status.role == "primary" and probe.position is not None]
-    primary_position = max(primaries, default=None)
-    hosts = tuple(
-        dataclasses.replace(probe.status, replay_lag_bytes=max(0, primary_position - probe.position))
-        if probe.status.role == "standby" and probe.position is not None and primary_position is not None
-        else probe.status
-        for probe in probes
-    )
+    primary_position = max((p.wal.written for p in probes if p.wal and p.wal.written is not None), default=None)
+    hosts = tuple(_with_lag(probe, primary_position) for probe in probes)
     return HealthReport(
         dsn=masked,
         target_session_attrs=plan.target_session_attrs,

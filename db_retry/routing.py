@@ -21,6 +21,7 @@ from sqlalchemy import event, orm
 from sqlalchemy.ext import asyncio as sa_async
 
 from db_retry.dsn import dsn_hosts
+from db_retry.replication import WAL_STATUS_QUERY, ReplayLag, WalStatus, replay_lag
 
 
 __all__ = [
@@ -44,39 +45,33 @@ DEFAULT_CHECK_TIMEOUT: typing.Final = 2.0
 _TASK_NAME: typing.Final = "db-retry replica checks"
 _NOT_CHECKED: typing.Final = "not checked yet"
 
-# One round trip on a replica: its role, seconds behind (0 once all it received is replayed; else the
-# age of the last replayed commit, None if it replayed none since it started), bytes received but not
-# yet replayed. A primary (e.g. a promoted standby) has no lag.
-_CHECK_QUERY: typing.Final = sa.text(
-    """
-    SELECT pg_is_in_recovery(),
-           CASE
-               WHEN NOT pg_is_in_recovery() THEN 0
-               WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
-               ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
-           END::float8,
-           CASE
-               WHEN NOT pg_is_in_recovery() THEN 0
-               ELSE greatest(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)
-           END::bigint
-    """,
-)
+# The one query of a check, on each replica and on the primary (see db_retry.replication).
+_CHECK_QUERY: typing.Final = sa.text(WAL_STATUS_QUERY)
+_REPLACED_OPTIONS: typing.Final = {
+    "max_unreplayed_bytes": "max_lag_bytes (WAL the primary wrote that the replica has not replayed)",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ReplicaStatus:
     """What the last check of a replica found; ``healthy`` replicas serve reads.
 
-    ``reachable`` is ``None`` before the first check. ``lag`` is in seconds and ``unreplayed_bytes``
-    counts WAL received but not yet replayed (both ``0`` on a server that is not in recovery).
-    ``checked_at`` is a ``time.monotonic()`` reading. ``reason`` says why an unhealthy replica is skipped.
+    ``reachable`` is ``None`` before the first check. ``in_recovery``: the server is a standby (``False``:
+    promoted, or not a standby at all). ``streaming``: its WAL receiver streams from upstream (``None``
+    when the check's role may not see the receiver's state; see ``architecture/routing.md``).
+    ``lag`` (seconds) and ``lag_bytes`` are the replay lag behind the primary's current WAL position
+    (:func:`db_retry.replication.replay_lag`), ``None`` when unknown (no primary position, not a standby).
+    ``unreplayed_bytes`` counts WAL received but not yet replayed. ``checked_at`` is a
+    ``time.monotonic()`` reading. ``reason`` says why an unhealthy replica is skipped.
     """
 
     name: str
     healthy: bool = False
     reachable: bool | None = None
     in_recovery: bool | None = None
+    streaming: bool | None = None
     lag: float | None = None
+    lag_bytes: int | None = None
     unreplayed_bytes: int | None = None
     checked_at: float | None = None
     reason: str | None = _NOT_CHECKED
@@ -250,13 +245,15 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
     """An ``async_sessionmaker`` whose sessions read from healthy replicas and write to the primary.
 
     ``replicas`` is a sequence of engines (named ``host:port``) or a mapping of names to engines.
-    A replica is healthy when its last check reached it and, if ``max_lag`` (seconds) or
-    ``max_unreplayed_bytes`` is set, found its replay lag within the bound. Checks run every
+    A replica is healthy when its last check reached it, found it in recovery (a standby, not
+    promoted) with its WAL receiver streaming and, if ``max_lag`` (seconds) or ``max_lag_bytes`` is
+    set, its replay lag behind the primary's WAL position within the bound. Checks run every
     ``check_interval`` seconds in a background task from the first session made (``None``: only
-    :meth:`refresh` checks), each bounded by ``check_timeout``. Until its first check a replica serves
-    no reads; with no healthy replica, reads go to the primary. Call :meth:`close` (or use
-    ``async with``) to stop the checks. The engines stay the caller's to dispose, except that a
-    replica found unreachable gets its pool disposed, so no connection to the dead server is reused.
+    :meth:`refresh` checks), one query on each replica and one on the primary, each bounded by
+    ``check_timeout``. Until its first check a replica serves no reads; with no healthy replica, reads
+    go to the primary. Call :meth:`close` (or use ``async with``) to stop the checks. The engines stay
+    the caller's to dispose, except that a replica found unreachable or promoted gets its pool
+    disposed, so no connection to that server process is reused.
     Other keyword arguments are ``AsyncSession`` options (``expire_on_commit``, ``class_``, ...).
     """
 
@@ -267,14 +264,18 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
         | collections.abc.Mapping[str, sa_async.AsyncEngine] = (),
         *,
         max_lag: float | None = None,
-        max_unreplayed_bytes: int | None = None,
+        max_lag_bytes: int | None = None,
         check_interval: float | None = DEFAULT_CHECK_INTERVAL,
         check_timeout: float = DEFAULT_CHECK_TIMEOUT,
         **session_options: typing.Any,  # noqa: ANN401 - AsyncSession's own options
     ) -> None:
         _require_async_engine("primary", primary)
+        replaced = sorted(set(_REPLACED_OPTIONS).intersection(session_options))
+        if replaced:
+            msg = "; ".join(f"{option} was replaced by {_REPLACED_OPTIONS[option]}" for option in replaced)
+            raise TypeError(msg)
         _check_number("max_lag", max_lag, minimum=0, allow_minimum=True, allow_none=True)
-        _check_number("max_unreplayed_bytes", max_unreplayed_bytes, minimum=0, allow_minimum=True, allow_none=True)
+        _check_number("max_lag_bytes", max_lag_bytes, minimum=0, allow_minimum=True, allow_none=True)
         _check_number("check_interval", check_interval, minimum=0, allow_minimum=False, allow_none=True)
         _check_number("check_timeout", check_timeout, minimum=0, allow_minimum=False, allow_none=False)
         chosen = sorted({"bind", "binds", "sync_session_class", "router"}.intersection(session_options))
@@ -282,9 +283,10 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
             msg = f"RoutingSessionMaker sets {', '.join(chosen)} itself"
             raise TypeError(msg)
         self._primary = primary
+        self._primary_check_engine = _check_engine_for(primary)
         self._router = _Router(primary.sync_engine)
         self._max_lag = max_lag
-        self._max_unreplayed_bytes = max_unreplayed_bytes
+        self._max_lag_bytes = max_lag_bytes
         self._check_interval = check_interval
         self._check_timeout = check_timeout
         self._task: asyncio.Task[None] | None = None
@@ -315,12 +317,7 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
         if name in self._router.replicas:
             msg = f"a replica named {name!r} is already routed to; pass another name="
             raise ValueError(msg)
-        # Pool.recreate(): a new, empty pool with the engine's own connect arguments and connect hooks.
-        check_engine = sa_async.create_async_engine(
-            engine.url,
-            pool=engine.sync_engine.pool.recreate(),
-            isolation_level="AUTOCOMMIT",
-        )
+        check_engine = _check_engine_for(engine)
         replica = _Replica(name=name, engine=engine, check_engine=check_engine, status=ReplicaStatus(name=name))
         self._router.replicas[name] = replica
         return replica
@@ -328,7 +325,7 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
     async def add_replica(self, engine: sa_async.AsyncEngine, *, name: str | None = None) -> ReplicaStatus:
         """Route reads to ``engine`` too, once a check (run now) finds it healthy; returns that status."""
         replica = self._register(engine, name)
-        await self._apply(replica, await self._check(replica))
+        await self._check([replica])
         return replica.status
 
     async def remove_replica(self, name: str) -> None:
@@ -345,54 +342,68 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
 
     # -- health checks ---------------------------------------------------------------------------
     async def refresh(self) -> collections.abc.Mapping[str, ReplicaStatus]:
-        """Check every replica now (concurrently) and return the statuses."""
-        checked = list(self._router.replicas.values())
-        statuses = await asyncio.gather(*(self._check(replica) for replica in checked))
-        for replica, status in zip(checked, statuses, strict=True):
-            await self._apply(replica, status)
+        """Check every replica now (concurrently, with the primary's WAL position) and return the statuses."""
+        await self._check(list(self._router.replicas.values()))
         return self.replicas
 
-    async def _check(self, replica: _Replica) -> ReplicaStatus:
-        """One check of ``replica``; never raises (but lets cancellation through)."""
+    async def _check(self, replicas: collections.abc.Sequence[_Replica]) -> None:
+        """One query on the primary and one on each of ``replicas``, all at once; apply the statuses."""
+        primary, *answers = await asyncio.gather(
+            self._read(self._primary_check_engine),
+            *(self._read(replica.check_engine) for replica in replicas),
+        )
+        # How an unknown lag is shown: with the reason when the primary's position is what is missing.
+        if isinstance(primary, str):
+            position, unknown = None, f"unknown (primary unreachable: {primary})"
+        elif primary.written is None:
+            position, unknown = None, "unknown (primary engine reaches a server in recovery)"
+        else:
+            position, unknown = primary.written, "unknown"
+        for replica, answer in zip(replicas, answers, strict=True):
+            await self._apply(replica, self._status(replica.name, answer, position, unknown))
+
+    async def _read(self, engine: sa_async.AsyncEngine) -> WalStatus | str:
+        """The server's WAL status, or why it could not be read; never raises (but lets cancellation through)."""
         try:
             async with asyncio.timeout(self._check_timeout):
-                row = await self._query(replica.check_engine)
+                return await _query(engine)
         except Exception as exc:  # noqa: BLE001 - whatever failed, reads must not go there
+            return _describe(exc)
+
+    def _status(self, name: str, answer: WalStatus | str, position: int | None, unknown: str) -> ReplicaStatus:
+        """A replica's status from its answer (or why it gave none) and the primary's WAL position."""
+        if isinstance(answer, str):
             return ReplicaStatus(
-                name=replica.name,
-                reachable=False,
-                checked_at=time.monotonic(),
-                reason=f"unreachable: {_describe(exc)}",
+                name=name, reachable=False, checked_at=time.monotonic(), reason=f"unreachable: {answer}"
             )
-        in_recovery, lag, unreplayed = row
-        reason = self._lag_reason(lag, unreplayed)
+        lag = replay_lag(position, answer)
+        reason = self._unhealthy(answer, lag, unknown)
         return ReplicaStatus(
-            name=replica.name,
+            name=name,
             healthy=reason is None,
             reachable=True,
-            in_recovery=in_recovery,
-            lag=lag,
-            unreplayed_bytes=unreplayed,
+            in_recovery=answer.in_recovery,
+            streaming=answer.streaming,
+            lag=lag.seconds,
+            lag_bytes=lag.bytes,
+            unreplayed_bytes=answer.unreplayed_bytes,
             checked_at=time.monotonic(),
             reason=reason,
         )
 
-    @staticmethod
-    async def _query(engine: sa_async.AsyncEngine) -> tuple[bool, float | None, int]:
-        try:
-            return await _run_check_query(engine)
-        except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-        # The pooled check connection died while idle (the replica restarted): one try on a new one.
-        return await _run_check_query(engine)
-
-    def _lag_reason(self, lag: float | None, unreplayed: int) -> str | None:
-        if self._max_lag is not None and (lag is None or lag > self._max_lag):
-            shown = "unknown" if lag is None else f"{lag:.3f}s"
+    def _unhealthy(self, answer: WalStatus, lag: ReplayLag, unknown: str) -> str | None:
+        """Why a replica that answered must not serve reads, or ``None``."""
+        if not answer.in_recovery:
+            return "not in recovery: promoted, or not a standby"
+        if answer.streaming is False:
+            state = answer.receiver_state
+            return "not streaming: " + ("no WAL receiver" if state is None else f"WAL receiver {state}")
+        if self._max_lag is not None and (lag.seconds is None or lag.seconds > self._max_lag):
+            shown = unknown if lag.seconds is None else f"{lag.seconds:.3f}s"
             return f"replay lag {shown} exceeds max_lag={self._max_lag}s"
-        if self._max_unreplayed_bytes is not None and unreplayed > self._max_unreplayed_bytes:
-            return f"{unreplayed} bytes not replayed exceeds max_unreplayed_bytes={self._max_unreplayed_bytes}"
+        if self._max_lag_bytes is not None and (lag.bytes is None or lag.bytes > self._max_lag_bytes):
+            shown = unknown if lag.bytes is None else str(lag.bytes)
+            return f"{shown} bytes behind the primary exceeds max_lag_bytes={self._max_lag_bytes}"
         return None
 
     async def _apply(self, replica: _Replica, status: ReplicaStatus) -> None:
@@ -410,8 +421,10 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
                     status.reason,
                     extra=_log_fields(status),
                 )
-        if status.reachable is False and before.reachable is not False:
-            await replica.engine.dispose()  # its pooled connections died with the server, or soon will
+        if _gone(status) and not _gone(before):
+            # Its pooled connections died with the server (or soon will), or reach a promoted server,
+            # which becomes a standby again only through a restart.
+            await replica.engine.dispose()
 
     def _start_checks(self) -> None:
         if self._check_interval is None or self._closed or (self._task is not None and not self._task.done()):
@@ -439,6 +452,7 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
             await asyncio.wait({task})
         for replica in list(self._router.replicas.values()):
             await replica.check_engine.dispose()
+        await self._primary_check_engine.dispose()
 
     async def __aenter__(self) -> typing.Self:
         return self
@@ -452,7 +466,27 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
         await self.close()
 
 
-async def _run_check_query(engine: sa_async.AsyncEngine) -> tuple[bool, float | None, int]:
+def _check_engine_for(engine: sa_async.AsyncEngine) -> sa_async.AsyncEngine:
+    """An autocommit engine for the checks over ``Pool.recreate()``: own pool, same connect arguments and hooks."""
+    pool = engine.sync_engine.pool.recreate()
+    return sa_async.create_async_engine(engine.url, pool=pool, isolation_level="AUTOCOMMIT")
+
+
+def _gone(status: ReplicaStatus) -> bool:
+    """Whether the server a replica's pool connected to is gone: unreachable, or promoted."""
+    return status.reachable is False or status.in_recovery is False
+
+
+async def _query(engine: sa_async.AsyncEngine) -> WalStatus:
+    try:
+        return await _run_check_query(engine)
+    except sa.exc.DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    # The pooled check connection died while idle (the server restarted): one try on a new one.
+    return await _run_check_query(engine)
+
+
+async def _run_check_query(engine: sa_async.AsyncEngine) -> WalStatus:
     async with engine.connect() as connection:
-        in_recovery, lag, unreplayed = (await connection.execute(_CHECK_QUERY)).one()
-    return bool(in_recovery), lag, int(unreplayed)
+        return WalStatus.from_row((await connection.execute(_CHECK_QUERY)).one())

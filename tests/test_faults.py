@@ -315,3 +315,49 @@ async def test_failover_refuses_what_it_cannot_do(fresh_cluster: ClusterFactory,
         await faults.rebuild_as_standby(single, cluster.standbys[0])
     assert single.primary.is_running
     assert await single.primary.role() == "primary"
+
+
+async def _primary_conninfo_becomes(node: PostgresNode, expected: str) -> None:
+    """Wait (bounded) until a new session of ``node`` sees ``expected``: the postmaster reloads asynchronously."""
+    for _ in range(500):
+        if await node.fetchval("SELECT current_setting('primary_conninfo')") == expected:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"primary_conninfo of {node.name} is not {expected!r}")
+
+
+async def test_replication_link_cuts_and_hangs_the_wal_stream(fresh_cluster: ClusterFactory) -> None:
+    cluster = fresh_cluster(standbys=1)
+    (standby,) = cluster.standbys
+    original = await standby.fetchval("SELECT current_setting('primary_conninfo')")
+    await cluster.primary.execute("CREATE TABLE link_proof (id int)")
+    async with faults.replication_link(cluster, standby) as link:
+        assert (await standby.wal_status()).streaming is True
+        assert link.open_connections == 1  # the WAL receiver's
+
+        link.cut()
+        for _ in range(500):
+            if not (await standby.wal_status()).receiver_running:
+                break
+            await asyncio.sleep(0.02)
+        await cluster.primary.execute("INSERT INTO link_proof VALUES (1)")
+        with pytest.raises(ClusterError, match="standby1 did not replay"):
+            await cluster.wait_for_replay(timeout=0.5)
+        assert (await standby.wal_status()).receiver_running is False  # it reconnects, and is reset again
+
+        link.pass_through()
+        await cluster.wait_for_replay()
+        link.hang()
+        await cluster.primary.execute("INSERT INTO link_proof VALUES (2)")
+        with pytest.raises(ClusterError, match="standby1 did not replay"):
+            await cluster.wait_for_replay(timeout=0.5)
+        assert (await standby.wal_status()).streaming is True  # until wal_receiver_timeout
+    await _primary_conninfo_becomes(standby, original)
+    await cluster.wait_for_replay()
+    assert await standby.fetchval("SELECT count(*) FROM link_proof") == 2
+
+    await faults.stop(cluster.primary)
+    with pytest.raises(ClusterError, match=r"does not stream WAL through port \d+ after 0.5s"):
+        async with faults.replication_link(cluster, standby, timeout=0.5):
+            pytest.fail("entered without streaming")
+    await _primary_conninfo_becomes(standby, original)

@@ -20,7 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from db_retry import build_connection_factory, postgres_retry
 from db_retry.routing import READ, USE_PRIMARY, ReplicaStatus, RoutingSession, RoutingSessionMaker
+from db_retry.testing import faults
 from db_retry.testing.cluster import PostgresCluster, PostgresNode
+from db_retry.testing.proxy import TcpProxy
 from db_retry.testing.pytest_plugin import ClusterFactory
 from db_retry.transaction import Transaction
 
@@ -308,8 +310,11 @@ async def test_status_after_a_check(maker: RoutingSessionMaker) -> None:
     assert status.healthy
     assert status.reachable
     assert status.in_recovery
+    assert status.streaming is True
     assert status.lag is not None
     assert status.lag >= 0
+    assert status.lag_bytes is not None
+    assert status.lag_bytes >= 0
     assert status.unreplayed_bytes is not None
     assert status.unreplayed_bytes >= 0
     assert status.checked_at is not None
@@ -383,14 +388,14 @@ async def test_a_replica_beyond_max_lag_is_skipped_until_it_catches_up(
     assert "replica standby serves reads" in messages
 
 
-async def test_a_replica_beyond_max_unreplayed_bytes_is_skipped(
+async def test_a_replica_beyond_max_lag_bytes_is_skipped(
     primary: AsyncEngine,
     replica: AsyncEngine,
     pg_cluster: PostgresCluster,
     primary_node: PostgresNode,
     standby_node: PostgresNode,
 ) -> None:
-    async with RoutingSessionMaker(primary, [replica], max_unreplayed_bytes=4096, check_interval=None) as maker:
+    async with RoutingSessionMaker(primary, [replica], max_lag_bytes=4096, check_interval=None) as maker:
         name = standby_node.address
         assert (await maker.refresh())[name].healthy
         async with replay_paused(pg_cluster, standby_node):
@@ -403,9 +408,12 @@ async def test_a_replica_beyond_max_unreplayed_bytes_is_skipped(
 
             await eventually_async(behind)
             status = maker.replicas[name]
+            assert status.streaming is True  # it receives; replay is what is paused
             assert status.unreplayed_bytes is not None
             assert status.unreplayed_bytes > 4096
-            assert status.reason == f"{status.unreplayed_bytes} bytes not replayed exceeds max_unreplayed_bytes=4096"
+            assert status.lag_bytes is not None
+            assert status.lag_bytes >= status.unreplayed_bytes
+            assert status.reason == f"{status.lag_bytes} bytes behind the primary exceeds max_lag_bytes=4096"
             async with maker() as session:
                 assert await where(session) == on(primary_node, standby=False)
         assert (await maker.refresh())[name].healthy
@@ -608,7 +616,7 @@ def test_a_session_made_outside_the_event_loop_starts_no_checks() -> None:
     [
         ({"max_lag": -1}, "max_lag must be a number >= 0 or None, got -1"),
         ({"max_lag": True}, "max_lag must be a number >= 0 or None, got True"),
-        ({"max_unreplayed_bytes": "1kB"}, "max_unreplayed_bytes must be a number >= 0 or None, got '1kB'"),
+        ({"max_lag_bytes": "1kB"}, "max_lag_bytes must be a number >= 0 or None, got '1kB'"),
         ({"check_interval": 0}, "check_interval must be a number > 0 or None, got 0"),
         ({"check_timeout": None}, "check_timeout must be a number > 0, got None"),
     ],
@@ -627,3 +635,280 @@ def test_engines_must_be_async_and_binds_are_the_makers() -> None:
         RoutingSessionMaker(engine, [engine.sync_engine])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="RoutingSessionMaker sets bind, binds itself"):
         RoutingSessionMaker(engine, bind=engine, binds={})
+
+
+def test_a_replaced_option_says_what_replaced_it() -> None:
+    engine = create_async_engine("postgresql+asyncpg://app@127.0.0.1:1/db")
+    # Not passed on to AsyncSession, where it would fail only at the first session.
+    with pytest.raises(TypeError, match=r"^max_unreplayed_bytes was replaced by max_lag_bytes \(WAL the primary"):
+        RoutingSessionMaker(engine, max_unreplayed_bytes=4096)
+
+
+# -- real replication faults (a cluster of their own) ----------------------------------------------
+
+COUNTED: typing.Final = sa.table("fault_items", sa.column("id"))
+COUNT_WHERE: typing.Final = sa.select(
+    sa.func.count(), sa.func.pg_is_in_recovery(), sa.func.inet_server_port()
+).select_from(COUNTED)
+
+
+async def receiver(standby: PostgresNode) -> tuple[str, int] | None:
+    """The standby's WAL receiver as the server itself reports it: (status, upstream port), or None."""
+    connection = await standby.connect()
+    try:
+        row = await connection.fetchrow("SELECT status, sender_port FROM pg_stat_wal_receiver")
+    finally:
+        await connection.close()
+    return None if row is None else (row["status"], row["sender_port"])
+
+
+async def count_where(maker: RoutingSessionMaker) -> tuple[int, bool, int]:
+    """How many fault_items a routed read sees, and where it ran."""
+    async with maker() as session:
+        count, in_recovery, port = (await session.execute(COUNT_WHERE)).one()
+    return (count, in_recovery, port)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_standby_whose_replication_is_cut_gets_no_reads_until_it_streams_again(
+    fresh_cluster: ClusterFactory, driver: str
+) -> None:
+    cluster = fresh_cluster(standbys=1)
+    (standby,) = cluster.standbys
+    await cluster.primary.execute("CREATE TABLE fault_items (id int)")
+    primary, replica = engine_for(cluster.primary, driver), engine_for(standby, driver)
+    try:
+        async with (
+            faults.replication_link(cluster, standby) as link,
+            RoutingSessionMaker(primary, {"standby": replica}, check_interval=None) as maker,
+        ):
+            await cluster.wait_for_replay()
+            assert (await maker.refresh())["standby"].healthy
+            assert await count_where(maker) == (0, True, standby.port)
+
+            link.cut()  # the network between standby and primary: every connection reset, new ones too
+
+            async def receiver_gone() -> bool:
+                return await receiver(standby) is None
+
+            await eventually_async(receiver_gone)
+            await cluster.primary.execute("INSERT INTO fault_items SELECT generate_series(1, 5)")
+            assert await standby.fetchval("SELECT count(*) FROM fault_items") == 0  # the cut is real
+
+            status = (await maker.refresh())["standby"]
+            assert not status.healthy
+            assert status.reachable
+            assert status.in_recovery
+            assert status.streaming is False
+            assert status.reason == "not streaming: no WAL receiver"
+            # Behind the primary's WAL position, although everything it received is replayed.
+            assert status.lag_bytes is not None
+            assert status.lag_bytes > 0
+            assert status.unreplayed_bytes == 0
+            assert status.lag is not None
+            assert status.lag > 0
+            assert await count_where(maker) == (5, False, cluster.primary.port)
+
+            link.pass_through()  # the receiver reconnects by itself (wal_retrieve_retry_interval)
+
+            async def recovered() -> bool:
+                return (await maker.refresh())["standby"].healthy
+
+            await eventually_async(recovered)
+            assert maker.replicas["standby"].streaming is True
+            await cluster.wait_for_replay()
+            assert await count_where(maker) == (5, True, standby.port)
+    finally:
+        await primary.dispose()
+        await replica.dispose()
+
+
+async def test_a_hung_replication_link_is_caught_by_the_lag_bound(fresh_cluster: ClusterFactory) -> None:
+    cluster = fresh_cluster(standbys=1)
+    (standby,) = cluster.standbys
+    await cluster.primary.execute("CREATE TABLE fault_items (id int, pad text)")
+    primary, replica = engine_for(cluster.primary), engine_for(standby)
+    try:
+        async with (
+            faults.replication_link(cluster, standby) as link,
+            RoutingSessionMaker(primary, {"standby": replica}, max_lag_bytes=4096, check_interval=None) as maker,
+        ):
+            await cluster.wait_for_replay()
+            assert (await maker.refresh())["standby"].healthy
+
+            link.hang()  # nothing flows; the receiver still reports "streaming" until wal_receiver_timeout
+            await cluster.primary.execute(
+                "INSERT INTO fault_items SELECT i, repeat('x', 100) FROM generate_series(1, 1000) AS i"
+            )
+            assert await receiver(standby) == ("streaming", link.port)
+
+            status = (await maker.refresh())["standby"]
+            assert not status.healthy
+            assert status.streaming is True
+            assert status.lag_bytes is not None
+            assert status.lag_bytes > 4096
+            assert status.reason == f"{status.lag_bytes} bytes behind the primary exceeds max_lag_bytes=4096"
+            assert await count_where(maker) == (1000, False, cluster.primary.port)
+
+            link.pass_through()
+
+            async def caught_up() -> bool:
+                return (await maker.refresh())["standby"].healthy
+
+            await eventually_async(caught_up)
+            assert await count_where(maker) == (1000, True, standby.port)
+    finally:
+        await primary.dispose()
+        await replica.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_promoted_replica_gets_no_reads_until_it_is_a_standby_again(
+    fresh_cluster: ClusterFactory, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="db_retry.routing")
+    cluster = fresh_cluster(standbys=1)
+    (standby,) = cluster.standbys
+    await cluster.primary.execute("CREATE TABLE fault_items (id int)")
+    await cluster.wait_for_replay()
+    primary, replica = engine_for(cluster.primary, driver), engine_for(standby, driver)
+    try:
+        async with RoutingSessionMaker(primary, {"standby": replica}, check_interval=None) as maker:
+            assert (await maker.refresh())["standby"].healthy
+            assert await count_where(maker) == (0, True, standby.port)
+
+            await asyncio.to_thread(standby.promote)  # a split brain in the making: it accepts writes now
+            await cluster.primary.execute("INSERT INTO fault_items SELECT generate_series(1, 5)")
+
+            status = (await maker.refresh())["standby"]
+            assert not status.healthy
+            assert status.reachable
+            assert status.in_recovery is False
+            assert status.reason == "not in recovery: promoted, or not a standby"
+            assert status.lag is None
+            assert status.lag_bytes is None
+            assert await count_where(maker) == (5, False, cluster.primary.port)
+
+            await faults.rebuild_as_standby(cluster, standby)  # a fresh clone of the primary, same port
+            await cluster.wait_for_replay()
+            assert (await maker.refresh())["standby"].healthy
+            # Its pool was disposed when it was found promoted: no connection to the old server is reused.
+            assert await count_where(maker) == (5, True, standby.port)
+    finally:
+        await primary.dispose()
+        await replica.dispose()
+    messages = [record.getMessage() for record in caplog.records]
+    assert "replica standby skipped: not in recovery: promoted, or not a standby" in messages
+
+
+async def test_a_failover_moves_reads_to_the_standby_that_follows_the_new_primary(
+    fresh_cluster: ClusterFactory,
+) -> None:
+    cluster = fresh_cluster(standbys=2)
+    old_primary = cluster.primary
+    first, second = cluster.standbys
+    await old_primary.execute("CREATE TABLE fault_items (id int)")
+    await cluster.wait_for_replay()
+    # The primary engine follows the writable server, as a service's would; so does the maker's check of it.
+    url = cluster.multihost_dsn(target_session_attrs="read-write")
+    primary = create_async_engine(url, async_creator=build_connection_factory(url, timeout=5))
+    replicas = {"first": engine_for(first), "second": engine_for(second)}
+    try:
+        async with RoutingSessionMaker(primary, replicas, check_interval=None) as maker:
+            assert all(status.healthy for status in (await maker.refresh()).values())
+
+            await faults.stop(old_primary)
+
+            async def cut_off() -> bool:
+                return not any(status.healthy for status in (await maker.refresh()).values())
+
+            await eventually_async(cut_off)  # their receivers lost their upstream
+            for status in maker.replicas.values():
+                assert status.reachable
+                assert status.in_recovery
+                assert status.streaming is False
+                assert status.lag_bytes is None  # no primary to measure against
+                assert status.reason == "not streaming: no WAL receiver"
+
+            await faults.failover(cluster, standby=first)  # promotes first; second follows it
+            await cluster.primary.execute("INSERT INTO fault_items SELECT generate_series(1, 5)")
+
+            async def following() -> bool:
+                return (await maker.refresh())["second"].healthy
+
+            await eventually_async(following)
+            assert maker.replicas["first"].reason == "not in recovery: promoted, or not a standby"
+            assert maker.replicas["second"].lag_bytes is not None  # against the new primary
+            await cluster.wait_for_replay(second)
+            assert await count_where(maker) == (5, True, second.port)
+    finally:
+        await primary.dispose()
+        for engine in replicas.values():
+            await engine.dispose()
+
+
+async def test_lag_is_unknown_while_the_primary_cannot_be_checked(
+    pg_cluster: PostgresCluster, replica: AsyncEngine, standby_node: PostgresNode
+) -> None:
+    async with TcpProxy(pg_cluster.primary.host, pg_cluster.primary.port, name="to-primary") as to_primary:
+        primary = create_async_engine(f"postgresql+asyncpg://postgres@{to_primary.address}/postgres")
+        bounded = RoutingSessionMaker(primary, {"standby": replica}, max_lag=5, check_interval=None, check_timeout=0.5)
+        unbounded = RoutingSessionMaker(primary, {"standby": replica}, check_interval=None, check_timeout=0.5)
+        try:
+            assert (await bounded.refresh())["standby"].healthy
+            to_primary.hang()
+            status = (await bounded.refresh())["standby"]
+            assert not status.healthy
+            assert status.lag is None
+            assert status.lag_bytes is None
+            assert status.reason == "replay lag unknown (primary unreachable: check timed out) exceeds max_lag=5s"
+            # With no bound, streaming and in recovery is enough.
+            status = (await unbounded.refresh())["standby"]
+            assert status.healthy
+            assert status.streaming is True
+            assert status.lag is None
+            async with unbounded() as session:
+                assert await where(session) == on(standby_node, standby=True)
+        finally:
+            to_primary.pass_through()
+            await bounded.close()
+            await unbounded.close()
+            await primary.dispose()
+
+
+async def test_lag_is_unknown_when_the_primary_engine_reaches_a_standby(
+    replica: AsyncEngine, standby_node: PostgresNode
+) -> None:
+    # E.g. a fixed-host primary engine after a failover demoted its server.
+    wrong = engine_for(standby_node)
+    try:
+        async with RoutingSessionMaker(wrong, {"standby": replica}, max_lag_bytes=0, check_interval=None) as maker:
+            status = (await maker.refresh())["standby"]
+            assert not status.healthy
+            assert status.reason == (
+                "unknown (primary engine reaches a server in recovery) bytes behind the primary exceeds max_lag_bytes=0"
+            )
+    finally:
+        await wrong.dispose()
+
+
+async def test_a_check_role_without_pg_read_all_stats(pg_cluster: PostgresCluster, standby_node: PostgresNode) -> None:
+    # PostgreSQL hides pg_stat_wal_receiver's status from such a role: a running receiver then counts.
+    role = f"routing_monitor_{uuid.uuid4().hex[:8]}"
+    await pg_cluster.primary.execute(f"CREATE ROLE {role} LOGIN")
+    await pg_cluster.wait_for_replay()
+    primary = create_async_engine(pg_cluster.primary.dsn(driver="asyncpg").replace("postgres@", f"{role}@"))
+    replica = create_async_engine(standby_node.dsn(driver="asyncpg").replace("postgres@", f"{role}@"))
+    try:
+        async with RoutingSessionMaker(primary, {"standby": replica}, check_interval=None) as maker:
+            status = (await maker.refresh())["standby"]
+            assert status.healthy
+            assert status.streaming is None
+            assert status.lag_bytes is not None
+            await pg_cluster.primary.execute(f"GRANT pg_read_all_stats TO {role}")
+            await pg_cluster.wait_for_replay()
+            assert (await maker.refresh())["standby"].streaming is True
+    finally:
+        await primary.dispose()
+        await replica.dispose()
+        await pg_cluster.primary.execute(f"DROP ROLE {role}")

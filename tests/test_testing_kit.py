@@ -138,7 +138,7 @@ async def test_wait_for_replay_times_out_while_replay_is_paused(pg_cluster: Post
     await standby.execute("SELECT pg_wal_replay_pause()")
     try:
         await pg_cluster.primary.execute(f"CREATE TABLE {name} (id int)")
-        with pytest.raises(ClusterError, match=r"standby1 did not replay up to \S+ within 0.3s"):
+        with pytest.raises(ClusterError, match=r"standby1 did not replay up to WAL byte \d+ within 0.3s"):
             await pg_cluster.wait_for_replay(timeout=0.3)
     finally:
         await standby.execute("SELECT pg_wal_replay_resume()")

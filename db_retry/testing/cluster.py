@@ -24,6 +24,7 @@ import typing
 
 import asyncpg
 
+from db_retry.replication import WAL_STATUS_QUERY, WalStatus, replay_lag
 from db_retry.testing._binaries import find_postgres_bindir
 
 
@@ -296,6 +297,14 @@ class PostgresNode:
         try:
             status: str = await connection.execute(query, *args)
             return status
+        finally:
+            await connection.close()
+
+    async def wal_status(self) -> WalStatus:
+        """The server's WAL positions and WAL receiver state (see :mod:`db_retry.replication`)."""
+        connection = await self.connect()
+        try:
+            return WalStatus.from_row(await connection.fetchrow(WAL_STATUS_QUERY))
         finally:
             await connection.close()
 
@@ -613,18 +622,22 @@ class PostgresCluster:
         return f"{scheme}://{SUPERUSER}@/{database}?{query}"
 
     async def wait_for_replay(self, standby: PostgresNode | None = None, *, timeout: float = 30.0) -> None:
-        """Wait until ``standby`` (default: all) has replayed everything the primary has written so far."""
+        """Wait until ``standby`` (default: all) has replayed everything the primary has written so far.
+
+        That is, until its replay lag in bytes (:func:`db_retry.replication.replay_lag`) behind the
+        primary's WAL write position read now is 0.
+        """
         targets = [standby] if standby is not None else self.standbys
         # The write position, not the insert position: an insert position at the start of a WAL page points
         # past the page header, which a standby never reports as replayed until more WAL arrives.
-        target_lsn = await self.primary.fetchval("SELECT pg_current_wal_lsn()")
+        target = (await self.primary.wal_status()).written
         deadline = asyncio.get_running_loop().time() + timeout
         for node in targets:
             connection = await node.connect()
             try:
-                while not await connection.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target_lsn):
+                while replay_lag(target, WalStatus.from_row(await connection.fetchrow(WAL_STATUS_QUERY))).bytes != 0:
                     if asyncio.get_running_loop().time() > deadline:
-                        msg = f"{node.name} did not replay up to {target_lsn} within {timeout}s\n{node.log_tail()}"
+                        msg = f"{node.name} did not replay up to WAL byte {target} within {timeout}s\n{node.log_tail()}"
                         raise ClusterError(msg)
                     await asyncio.sleep(0.01)
             finally:

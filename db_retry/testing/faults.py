@@ -29,6 +29,7 @@ import typing
 import asyncpg
 
 from db_retry.testing.cluster import SUPERUSER, ClusterError, PostgresCluster, PostgresNode, StopMode
+from db_retry.testing.proxy import TcpProxy
 
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "limited_role",
     "read_only",
     "rebuild_as_standby",
+    "replication_link",
     "restart",
     "start",
     "stop",
@@ -212,7 +214,13 @@ async def failover(
 
 async def _follow(node: PostgresNode, upstream: PostgresNode) -> None:
     """Point the standby ``node`` at ``upstream``; it follows the new timeline by itself."""
-    conninfo = f"host={upstream.host} port={upstream.port} user={SUPERUSER} application_name={node.name}"
+    await _set_primary_conninfo(
+        node, f"host={upstream.host} port={upstream.port} user={SUPERUSER} application_name={node.name}"
+    )
+
+
+async def _set_primary_conninfo(node: PostgresNode, conninfo: str) -> None:
+    """Set the standby ``node``'s ``primary_conninfo``; the reload restarts its WAL receiver."""
     connection = await node.connect()
     try:
         statement = await connection.fetchval(
@@ -222,6 +230,41 @@ async def _follow(node: PostgresNode, upstream: PostgresNode) -> None:
         await connection.execute("SELECT pg_reload_conf()")
     finally:
         await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def replication_link(
+    cluster: PostgresCluster, standby: PostgresNode, *, timeout: float = 30.0
+) -> collections.abc.AsyncIterator[TcpProxy]:
+    """Inside the block ``standby`` streams WAL from the primary through a :class:`TcpProxy`; yields the proxy.
+
+    The network between a standby and its primary, to break for real: ``link.cut()`` resets the WAL
+    receiver's connection and every reconnect (``pg_stat_wal_receiver`` empties, nothing more is
+    received), ``link.hang()`` stops the bytes while the receiver still reports ``streaming`` (until
+    ``wal_receiver_timeout``), ``link.pass_through()`` lets it reconnect or resume by itself. Enters
+    once the standby streams through the proxy; on exit its own ``primary_conninfo`` is restored.
+    """
+    original: str = await standby.fetchval("SELECT current_setting('primary_conninfo')")
+    primary = cluster.primary
+    async with TcpProxy(primary.host, primary.port, name=f"{standby.name}-replication") as link:
+        conninfo = f"host={link.host} port={link.port} user={SUPERUSER} application_name={standby.name}"
+        try:
+            await _set_primary_conninfo(standby, conninfo)
+            await _wait_streaming_from(standby, link.port, timeout=timeout)
+            yield link
+        finally:
+            link.pass_through()
+            await _set_primary_conninfo(standby, original)
+
+
+async def _wait_streaming_from(node: PostgresNode, port: int, *, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    query = "SELECT EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming' AND sender_port = $1)"
+    while not await node.fetchval(query, port):
+        if loop.time() >= deadline:
+            raise _timed_out(node, f"does not stream WAL through port {port}", timeout)
+        await asyncio.sleep(_POLL)
 
 
 async def rebuild_as_standby(cluster: PostgresCluster, node: PostgresNode) -> PostgresNode:
