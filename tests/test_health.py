@@ -14,6 +14,7 @@ from db_retry import cli
 from db_retry.connections import TARGET_SESSION_ATTRS
 from db_retry.dsn import DSNError, HostPort
 from db_retry.health import HealthReport, HostStatus, check_hosts, format_report
+from db_retry.testing import faults
 from db_retry.testing.cluster import PostgresCluster, PostgresNode, free_port
 
 
@@ -158,6 +159,7 @@ async def test_standby_without_a_reachable_primary_has_no_byte_lag(pg_cluster: P
     (standby,) = report.hosts
     assert standby.role == "standby"
     assert standby.replay_lag_bytes is None  # nothing to compare with
+    assert standby.replay_lag_seconds is None
     assert isinstance(standby.unreplayed_bytes, int)
 
 
@@ -395,3 +397,24 @@ def test_format_report_without_hosts_answering() -> None:
     assert "read-only (DSN)       -" in text
     assert text.endswith("FAIL: no host satisfies target_session_attrs=read-only")
     assert json.loads(report.to_json())["hosts"][0]["host"] == "::1"
+
+
+async def test_standby_cut_off_from_its_primary_shows_its_lag(
+    fresh_cluster: collections.abc.Callable[..., PostgresCluster],
+) -> None:
+    # Everything it received is replayed; what it never received is still lag (the primary's position).
+    cluster = fresh_cluster(standbys=1)
+    primary, standby = cluster.primary, cluster.standbys[0]
+    await primary.execute("CREATE TABLE cut (n int)")
+    await cluster.wait_for_replay()  # a replayed commit gives pg_last_xact_replay_timestamp() a value
+    async with faults.replication_link(cluster, standby) as link:
+        link.cut()
+        await _wait_until(standby, "NOT EXISTS (SELECT FROM pg_stat_wal_receiver)")
+        await primary.execute("INSERT INTO cut SELECT generate_series(1, 5)")
+        report = await check_hosts(cluster.multihost_dsn(), timeout=10)
+    cut = _by_address(report)[standby.address]
+    assert cut.unreplayed_bytes == 0
+    assert cut.replay_lag_bytes is not None
+    assert cut.replay_lag_bytes > 0
+    assert cut.replay_lag_seconds is not None
+    assert cut.replay_lag_seconds > 0
