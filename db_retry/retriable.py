@@ -85,7 +85,15 @@ def _is_psycopg_operational_error(exc: BaseException) -> bool:
     return any(f"{cls.__module__}.{cls.__qualname__}" == "psycopg.OperationalError" for cls in type(exc).__mro__)
 
 
-def _kind_of_code(code: str, message: str) -> ErrorKind | None:
+def _message(exc: BaseException) -> str:
+    """What the error says, lowercase; empty if it cannot say (some wrappers' ``__str__`` raise)."""
+    try:
+        return str(exc).lower()
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break the classification
+        return ""
+
+
+def _kind_of_code(code: str, exc: BaseException) -> ErrorKind | None:
     if code in AMBIGUOUS_SQLSTATES:
         return ErrorKind.AMBIGUOUS
     if code in CONFLICT_SQLSTATES:
@@ -95,6 +103,7 @@ def _kind_of_code(code: str, message: str) -> ErrorKind | None:
     if code in OUTAGE_SQLSTATES or code in LOST_CONNECTION_SQLSTATES:
         return ErrorKind.OUTAGE
     if code == PROTOCOL_VIOLATION:
+        message = _message(exc)
         if any(text in message for text in POOLER_UNAVAILABLE_MESSAGES):
             return ErrorKind.UNAVAILABLE
         if any(text in message for text in POOLER_LOST_MESSAGES):
@@ -104,14 +113,14 @@ def _kind_of_code(code: str, message: str) -> ErrorKind | None:
 
 def _kind_without_code(exc: BaseException) -> ErrorKind | None:
     """Driver errors that carry no SQLSTATE, classified by their type and what they say."""
-    message = str(exc).lower()
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
         return ErrorKind.UNAVAILABLE  # asyncpg's own multi-host connect found no host of the wanted role (yet)
     if isinstance(exc, asyncpg.InternalClientError):
         return ErrorKind.OUTAGE  # the protocol state machine broke ("cannot switch to state"): connection unusable
     if isinstance(exc, asyncpg.InterfaceError):
-        return ErrorKind.OUTAGE if "connection is closed" in message else None
+        return ErrorKind.OUTAGE if "connection is closed" in _message(exc) else None
     if _is_psycopg_operational_error(exc):
+        message = _message(exc)
         if message.startswith(_CONNECT_FAILED_MESSAGES) or type(exc).__name__ == "ConnectionTimeout":
             return ErrorKind.UNAVAILABLE  # raised by connect: the work never started
         if any(text in message for text in _LOST_MESSAGES):
@@ -133,7 +142,7 @@ def _kind_of_link(exc: BaseException) -> ErrorKind | None:
         return own
     code = sqlstate_of(exc)
     if code is not None:
-        return _kind_of_code(code, str(exc).lower())
+        return _kind_of_code(code, exc)
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return ErrorKind.OUTAGE
     if isinstance(exc, ConnectionError):

@@ -6,6 +6,9 @@ its row is there at most once): never a doubled or a lost write. Faults are real
 the connection right after forwarding ``COMMIT``, the server terminates the backend or restarts, and a
 node switches to read-only (``default_transaction_read_only``, as a demoted primary) while the pool holds
 connections to it.
+
+With ``resolve_commit=True`` the same calls ask the server about a lost COMMIT: the cut one is then known
+to be committed (the call returns), and one lost to a restart is known not to be (the call is retried).
 """
 
 import asyncio
@@ -109,7 +112,7 @@ class Outcome:
     stored: int
 
 
-async def _run(nodes: Nodes, style: str, fault: str, driver: str) -> Outcome:  # noqa: C901 - one branch a fault
+async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bool) -> Outcome:  # noqa: C901
     first, second = nodes.first, nodes.second
     async with TcpProxy(first.host, first.port) as proxy:
         if fault == "demoted to read-only":
@@ -133,7 +136,7 @@ async def _run(nodes: Nodes, style: str, fault: str, driver: str) -> Outcome:  #
             elif fault == "fast restart":
                 await faults.restart(first, "fast")
 
-        @postgres_retry
+        @postgres_retry(resolve_commit=resolve)
         async def pay() -> None:
             nonlocal attempts
             attempts += 1
@@ -167,7 +170,7 @@ async def _run(nodes: Nodes, style: str, fault: str, driver: str) -> Outcome:  #
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("style", STYLES)
 async def test_a_write_is_applied_once_or_reported_unknown(nodes: Nodes, style: str, fault: str, driver: str) -> None:
-    outcome = await _run(nodes, style, fault, driver)
+    outcome = await _run(nodes, style, fault, driver, resolve=False)
     # The invariant: a success is stored exactly once; an unknown outcome at most once.
     assert outcome.stored == 1 if outcome.result == "ok" else outcome.stored <= 1, outcome
     if fault == "cut after COMMIT":
@@ -179,3 +182,18 @@ async def test_a_write_is_applied_once_or_reported_unknown(nodes: Nodes, style: 
     else:
         # A restart closes the connection before or while COMMIT is sent: the driver tells which.
         assert outcome.result == "ok" or outcome.attempts == 1, outcome
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_lost_commit_is_resolved_by_asking_the_server(
+    nodes: Nodes, style: str, fault: str, driver: str
+) -> None:
+    outcome = await _run(nodes, style, fault, driver, resolve=True)
+    assert outcome.result == "ok", outcome  # the server could tell every time: no unknown outcome left
+    assert outcome.stored == 1, outcome
+    if fault == "cut after COMMIT":
+        assert outcome.attempts == 1  # committed: the call returned, the work never ran again
+    else:
+        assert outcome.attempts == 2, outcome  # nothing committed: safe to run again, and it did

@@ -204,3 +204,17 @@ def test_which_errors_leave_a_connection_unusable() -> None:
     assert leaves_connection_unusable(_wrapped_by_sqlalchemy(asyncpg.InternalClientError("cannot switch to state 11")))
     assert not leaves_connection_unusable(asyncpg.TargetServerAttributeNotMatched("none"))
     assert not leaves_connection_unusable(asyncpg.InterfaceError("connection is closed"))
+
+
+def test_an_error_whose_str_fails_is_still_classified() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise TypeError
+
+    assert classify(Unprintable()) is None
+    unprintable = Unprintable()
+    unprintable.__cause__ = asyncpg.InterfaceError("connection is closed")
+    assert classify(unprintable) is ErrorKind.OUTAGE
+    protocol = Unprintable()
+    protocol.sqlstate = "08P01"  # type: ignore[attr-defined]
+    assert classify(protocol) is None
