@@ -243,7 +243,9 @@ class _Connector:
             try:
                 await self._abandon(running)
             except BaseException:
-                if chosen is not None:  # the caller was cancelled while the losers were being abandoned
+                # The caller was cancelled while the losers were being abandoned (chosen is None only if
+                # the race itself was cancelled too, twice).
+                if chosen is not None:  # pragma: no branch
                     chosen[0].terminate()
                 raise
         if chosen is None:

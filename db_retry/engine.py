@@ -17,6 +17,9 @@ which fires the ``commit`` event and routes a failure through ``handle_error``.
   added at checkout.
 - **A connection the driver left unusable** without a SQLSTATE (asyncpg's protocol state errors) is
   treated as a disconnect too.
+- **Statements prepared behind a transaction pooler**: ``26000`` / ``42P05`` (or ``08P01`` "bind
+  message supplies ...") about a statement the driver itself prepared (``__asyncpg_stmt_N__``,
+  ``_pg3_N``) becomes :class:`PreparedStatementBehindPoolerError`, which says what to set; never retried.
 - **A server error that aborts the transaction** is remembered per (sub)transaction, so
   :class:`db_retry.Transaction` can tell without a round trip that it must roll back first.
 - **Resolving a lost COMMIT** (opt-in: ``postgres_retry(resolve_commit=True)`` for a call site, or the
@@ -35,6 +38,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import re
 import typing
 import weakref
 
@@ -63,6 +67,10 @@ _WANT_RESOLUTION: typing.Final = "db_retry_want_resolution"
 _IDENTITY: typing.Final = "db_retry_server_identity"
 _VERDICT: typing.Final = "db_retry_commit_verdict"
 READ_ONLY_SQLSTATE: typing.Final = "25006"
+# Codes of a statement name the server does not know or already has, and of a bind to the wrong one.
+_PREPARED_STATEMENT_SQLSTATES: typing.Final = frozenset({"26000", "42P05", "08P01"})
+# The names asyncpg (also under SQLAlchemy's adapter) and psycopg 3 give the statements they prepare.
+_DRIVER_STATEMENT: typing.Final = re.compile(r'prepared statement "(__asyncpg_stmt_[0-9a-f]+__|_pg3_\d+)"')
 # Set by ``postgres_retry(resolve_commit=True)`` around the calls of its function.
 resolve_commits: contextvars.ContextVar[bool] = contextvars.ContextVar("db_retry_resolve_commits", default=False)
 
@@ -117,6 +125,27 @@ class CommitNotAppliedError(sa.exc.OperationalError):
         return f"COMMIT was not applied (the server said so after the connection was lost): {super().__str__()}"
 
 
+class PreparedStatementBehindPoolerError(sa.exc.ProgrammingError):
+    """The server does not know (or already has) a statement the driver prepared on this connection.
+
+    That happens when a pooler in transaction mode (PgBouncer before 1.21, or without
+    ``max_prepared_statements``) hands each transaction another server connection. Retrying does not
+    help; turning the drivers' statement caches off does (see the message). Not retried.
+    """
+
+    db_retry_kind: typing.ClassVar[ErrorKind | None] = None
+
+    def __str__(self) -> str:
+        return (
+            f"{super().__str__()}\n"
+            "The driver's prepared statements do not survive a pooler in transaction mode. Turn them off: "
+            "asyncpg: create_async_engine(url, connect_args={'statement_cache_size': 0}) with "
+            "?prepared_statement_cache_size=0 in the URL (or both in the DSN given to build_connection_factory); "
+            "psycopg: connect_args={'prepare_threshold': None}. PgBouncer 1.21+ can keep them instead "
+            "(max_prepared_statements)."
+        )
+
+
 @event.listens_for(sa.engine.Engine, "commit")
 def _note_commit(connection: sa.Connection) -> None:
     """Mark the connection as committing: a failure before the next ``begin``/``rollback`` is the COMMIT's."""
@@ -165,6 +194,14 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
             unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
         return unknown
     code = sqlstate_on_chain(error)
+    if code in _PREPARED_STATEMENT_SQLSTATES and _DRIVER_STATEMENT.search(str(error)):
+        return PreparedStatementBehindPoolerError(
+            context.statement,
+            context.parameters,
+            error,
+            hide_parameters=True,
+            connection_invalidated=context.is_disconnect,
+        )
     if code == READ_ONLY_SQLSTATE or (code is None and leaves_connection_unusable(error)):
         context.is_disconnect = True  # invalidates this connection and refreshes the pool
         return None
@@ -204,8 +241,8 @@ class _Verdict:
     reason: str
 
 
-_CANNOT_CONNECT: typing.Final = "cannot connect"
-_CANNOT_ASK: typing.Final = "cannot ask"
+_NO_ANSWER: typing.Final = "the server cannot be asked"
+_INVALID_PARAMETER: typing.Final = "22023"  # pg_xact_status of an id the server has not given out yet
 
 
 class _NotYet(Exception):  # noqa: N818 - a signal inside the resolution loop, never raised to callers
@@ -293,41 +330,37 @@ def _ask_the_server(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdi
 def _status(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdict:
     try:
         connection = pool.connect()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means: not yet
-        raise _NotYet(_CANNOT_CONNECT, exc) from None
-    try:
-        return _judge(identity, xid, _fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"), connection)
+        try:
+            return _judge(identity, xid, connection)
+        finally:
+            connection.invalidate()  # never back into a pool: this one is thrown away
     except _NotYet:
         raise
-    except Exception as exc:  # noqa: BLE001 - the connection broke while asking: not yet
-        raise _NotYet(_CANNOT_ASK, exc) from None
-    finally:
-        connection.invalidate()  # never back into a pool: this one is thrown away
+    except Exception as exc:  # noqa: BLE001 - no connection, or it broke while asking: not yet
+        raise _NotYet(_NO_ANSWER, exc) from None
 
 
-def _judge(identity: _Identity, xid: str, row: tuple[typing.Any, ...], connection: PoolProxiedConnection) -> _Verdict:
-    now = _Identity(*row)
+def _judge(identity: _Identity, xid: str, connection: PoolProxiedConnection) -> _Verdict:
+    now = _Identity(*_fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"))
     if now.system != identity.system or now.timeline != identity.timeline:
         return _Verdict(applied=None, reason="another server or timeline answers now (a failover?)")
     if not xid.isdigit():  # pragma: no cover - the server gave it as a number
         return _Verdict(applied=None, reason=f"unexpected transaction id {xid!r}")
-    next_xid, status = _fetch_row(
-        connection,
-        f"SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text, "
-        f"CASE WHEN pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) > '{xid}'::xid8 "
-        f"THEN pg_catalog.pg_xact_status('{xid}'::xid8) END",
-    )
-    if status is None and int(next_xid) <= int(xid):
-        # The id was never made durable (lost in a crash): the transaction cannot have committed.
-        return _Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
+    try:
+        (status,) = _fetch_row(connection, f"SELECT pg_catalog.pg_xact_status('{xid}'::xid8)")
+    except Exception as exc:
+        if sqlstate_on_chain(exc) == _INVALID_PARAMETER and "in the future" in str(exc):
+            # At or past the server's next id: it never became durable (lost in a crash), so it cannot
+            # have committed. (A snapshot's xmax is no substitute: it lags behind transactions in progress.)
+            return _Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
+        raise  # pragma: no cover - any other failure while asking: asked again (``_status``)
     if status == "in progress":
         raise _NotYet("transaction " + xid + " is still in progress")
     if status == "aborted":
         return _Verdict(applied=False, reason=f"transaction {xid} aborted")
     if status == "committed" and now.started == identity.started:
         return _Verdict(applied=True, reason=f"transaction {xid} committed")
-    if status == "committed":
-        # After a crash the id of a transaction whose WAL was never flushed is given out again: the
-        # answer may be another transaction's.
-        return _Verdict(applied=None, reason=f"the server restarted; transaction {xid} may be another one")
-    return _Verdict(applied=None, reason=f"the server no longer knows transaction {xid}")
+    # Committed after a restart: after a crash the id of a transaction whose WAL was never flushed is
+    # given out again, so the answer may be another transaction's. NULL: too old to be known any more.
+    restarted = f"the server restarted; transaction {xid} may be another one"
+    return _Verdict(applied=None, reason=restarted if status == "committed" else f"the server forgot {xid}")

@@ -63,17 +63,19 @@ async def _count(nodes: Nodes, key: uuid.UUID) -> int:
     return sum(int(count) for count in counts)
 
 
-async def _warm(engine: AsyncEngine) -> None:
-    """Fill the pool: ``POOL_SIZE`` connections open at once, then all back in the pool."""
+async def _warm(engine: AsyncEngine) -> set[int]:
+    """Fill the pool: ``POOL_SIZE`` connections open at once, then all back in the pool; their backends."""
     barrier = asyncio.Barrier(POOL_SIZE)
 
-    async def hold() -> None:
+    async def hold() -> int:
         async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+            pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
             await barrier.wait()
+            return int(pid)
 
-    await asyncio.gather(*(hold() for _ in range(POOL_SIZE)))
+    pids = set(await asyncio.gather(*(hold() for _ in range(POOL_SIZE))))
     assert engine.sync_engine.pool.checkedin() == POOL_SIZE  # type: ignore[attr-defined]
+    return pids
 
 
 def _engine(url: sa.URL, driver: str) -> AsyncEngine:
@@ -158,7 +160,8 @@ async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bo
                 else:
                     await pay()
             except CommitOutcomeUnknownError as exc:
-                result = "unknown" if exc.__cause__ is not None else "unknown, the driver's error not chained"
+                chained = exc.__cause__ is not None and "may or may not have been committed" in str(exc)
+                result = "unknown" if chained else f"unknown, without the driver's error: {exc}"
             else:
                 result = "ok"
         finally:
@@ -197,3 +200,31 @@ async def test_a_lost_commit_is_resolved_by_asking_the_server(
         assert outcome.attempts == 1  # committed: the call returned, the work never ran again
     else:
         assert outcome.attempts == 2, outcome  # nothing committed: safe to run again, and it did
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_behind_one_host_a_read_only_node_is_reconnected_to_on_every_attempt(nodes: Nodes, driver: str) -> None:
+    # One host (a DNS name that still points at the demoted node): each retry gets a new connection,
+    # not one of the pooled connections to the same node, and gives up within the attempt budget.
+    first = nodes.first
+    engine = create_async_engine(first.dsn(driver=driver), pool_size=POOL_SIZE)
+    backends: list[int] = []
+
+    @postgres_retry(retries=3)
+    async def pay() -> None:
+        async with engine.begin() as connection:
+            backends.append((await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
+            await connection.execute(INSERT, {"key": uuid.uuid4(), "attempt": len(backends)})
+
+    try:
+        pooled = await _warm(engine)
+        async with faults.read_only(first):
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                await pay()
+    finally:
+        await engine.dispose()
+    assert "read-only transaction" in str(caught.value)
+    assert len(backends) == 3
+    assert backends[0] in pooled  # the first attempt got a warm pooled connection ...
+    assert not set(backends[1:]) & pooled  # ... and after a 25006 the pool was refreshed: new backends only
+    assert len(set(backends)) == 3

@@ -259,11 +259,23 @@ async def test_timeout_in_the_dsn_is_the_connect_timeout(
         pg_cluster.standbys[0].start()
 
 
-async def test_a_url_object_and_a_unix_socket_default_are_accepted() -> None:
+async def test_a_url_object_and_a_unix_socket_default_are_accepted(
+    pg_cluster: PostgresCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     factory = build_connection_factory(sa.make_url("postgresql://u@/db?host=/nonexistent-dir&port=1"), timeout=1)
     with pytest.raises(OSError):  # noqa: PT011 - the OS decides: no such file, refused
         await factory()
-    assert callable(build_connection_factory("postgresql://u@/db", timeout=1))
+    # No host at all: asyncpg's defaults (PGHOST, the usual Unix socket directories, then localhost).
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.setenv("PGPORT", "1")
+    with pytest.raises(OSError):  # noqa: PT011 - nothing listens on port 1, on a socket or on localhost
+        await build_connection_factory("postgresql://u@/db", timeout=1)()
+    monkeypatch.setenv("PGHOST", pg_cluster.primary.host)
+    monkeypatch.setenv("PGPORT", str(pg_cluster.primary.port))
+    connection = await build_connection_factory("postgresql://postgres@/postgres", timeout=2)()
+    assert await connection.fetchval("SELECT current_database()") == "postgres"
+    await connection.close()
 
 
 @pytest.mark.parametrize(
