@@ -355,6 +355,7 @@ async def test_a_replica_serves_no_reads_before_its_first_check(
         assert await where(session) == on(primary_node, standby=False)
 
 
+@pytest.mark.usefixtures("schema")  # the table must exist
 async def test_a_replica_beyond_max_lag_is_skipped_until_it_catches_up(
     primary: AsyncEngine,
     replica: AsyncEngine,
@@ -388,6 +389,7 @@ async def test_a_replica_beyond_max_lag_is_skipped_until_it_catches_up(
     assert "replica standby serves reads" in messages
 
 
+@pytest.mark.usefixtures("schema")  # the table must exist
 async def test_a_replica_beyond_max_lag_bytes_is_skipped(
     primary: AsyncEngine,
     replica: AsyncEngine,
