@@ -348,6 +348,8 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
 
     async def _check(self, replicas: collections.abc.Sequence[_Replica]) -> None:
         """One query on the primary and one on each of ``replicas``, all at once; apply the statuses."""
+        if not replicas:
+            return  # nothing to compare with the primary's position: no query
         primary, *answers = await asyncio.gather(
             self._read(self._primary_check_engine),
             *(self._read(replica.check_engine) for replica in replicas),

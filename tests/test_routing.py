@@ -326,6 +326,7 @@ async def test_replicas_added_and_removed_at_run_time(
 ) -> None:
     async with RoutingSessionMaker(primary, check_interval=None) as maker:
         assert maker.replicas == {}
+        assert await maker.refresh() == {}
         async with maker() as session:
             assert await where(session) == on(primary_node, standby=False)
             status = await maker.add_replica(replica)
