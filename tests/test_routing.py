@@ -765,6 +765,43 @@ async def test_a_hung_replication_link_is_caught_by_the_lag_bound(fresh_cluster:
         await replica.dispose()
 
 
+async def test_a_cascading_standby_behind_a_cut_upstream_is_caught_by_the_lag_bound(
+    fresh_cluster: ClusterFactory,
+) -> None:
+    cluster = fresh_cluster(standbys=1)
+    (upstream,) = cluster.standbys
+    cascaded = await asyncio.to_thread(cluster.add_standby, upstream=upstream)
+    await cluster.primary.execute("CREATE TABLE fault_items (id int)")
+    primary = engine_for(cluster.primary)
+    replicas = {"upstream": engine_for(upstream), "cascaded": engine_for(cascaded)}
+    try:
+        async with (
+            faults.replication_link(cluster, upstream) as link,
+            RoutingSessionMaker(primary, replicas, max_lag_bytes=0, check_interval=None) as maker,
+        ):
+            await cluster.wait_for_replay()
+            assert all(status.healthy for status in (await maker.refresh()).values())
+            link.cut()
+
+            async def upstream_cut_off() -> bool:
+                return await receiver(upstream) is None
+
+            await eventually_async(upstream_cut_off)
+            await cluster.primary.execute("INSERT INTO fault_items SELECT generate_series(1, 5)")
+            statuses = await maker.refresh()
+            assert statuses["upstream"].reason == "not streaming: no WAL receiver"
+            # It streams from its upstream, which has nothing new: only the lag behind the primary shows it.
+            assert statuses["cascaded"].streaming is True
+            assert statuses["cascaded"].lag_bytes is not None
+            assert statuses["cascaded"].lag_bytes > 0
+            assert not statuses["cascaded"].healthy
+            assert await count_where(maker) == (5, False, cluster.primary.port)
+    finally:
+        await primary.dispose()
+        for engine in replicas.values():
+            await engine.dispose()
+
+
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_a_promoted_replica_gets_no_reads_until_it_is_a_standby_again(
     fresh_cluster: ClusterFactory, driver: str, caplog: pytest.LogCaptureFixture
