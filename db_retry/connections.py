@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import random
 import typing
 
@@ -21,6 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from db_retry.dsn import DSNError, HostPort, dsn_hosts, mask_dsn, parse_url
 from db_retry.retriable import ErrorKind, classify
+from db_retry.validation import check_number, describe_error
 
 
 if typing.TYPE_CHECKING:
@@ -103,14 +103,6 @@ async def session_role(connection: ConnectionType) -> _Role:
     return _Role(hot_standby=hot_standby, read_only=read_only)
 
 
-def _describe_error(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"timed out after {timeout:g}s"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return f"{type(exc).__name__}: {exc}"
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionPlan:
     """Everything a connect needs, checked once when the factory is built."""
@@ -132,7 +124,7 @@ class ConnectionPlan:
             raise DSNError(msg)
         for key in _TIMEOUT_KEYS:
             if key in query:
-                timeout = _positive(query.pop(key), f"{key} in the DSN")
+                timeout = check_number(f"{key} in the DSN", query.pop(key), unit="seconds", from_text=True)
         for key in _HOST_KEYS:
             query.pop(key, None)
         # SQLAlchemy's asyncpg dialect turns the rest (user, password, database, ssl, ...) into connect args.
@@ -148,21 +140,9 @@ class ConnectionPlan:
             connect_args=connect_args,
             hosts=hosts,
             target_session_attrs=requirement,
-            timeout=_positive(timeout, "timeout"),
-            stagger=_positive(stagger, "stagger", allow_zero=True),
+            timeout=check_number("timeout", timeout, unit="seconds"),
+            stagger=check_number("stagger", stagger, inclusive=True, unit="seconds"),
         )
-
-
-def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    try:
-        number = float(typing.cast("typing.SupportsFloat", value))
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not (number >= 0 if allow_zero else number > 0) or number == float("inf"):
-        bound = ">= 0" if allow_zero else "> 0"
-        msg = f"{name} must be a number of seconds {bound}, got {value!r}"
-        raise ValueError(msg)
-    return number
 
 
 class _Connector:
@@ -232,7 +212,11 @@ class _Connector:
                         failures.append(
                             HostFailure(
                                 address,
-                                _describe_error(error, self.plan.timeout),
+                                describe_error(
+                                    error,
+                                    timeout=self.plan.timeout,
+                                    password=self.plan.connect_args.get("password"),
+                                ),
                                 transient=isinstance(error, (OSError, TimeoutError)) or classify(error) is not None,
                                 error=error,
                             ),

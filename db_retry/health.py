@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 import types
 import typing
@@ -22,6 +21,7 @@ import sqlalchemy as sa
 
 from db_retry.connections import TARGET_SESSION_ATTRS, ConnectionPlan, ConnectionType, session_role
 from db_retry.dsn import DSNError, HostPort, mask_dsn, parse_url
+from db_retry.validation import describe_error, number_argument
 
 
 if typing.TYPE_CHECKING:
@@ -124,17 +124,6 @@ class _Probe:
     position: int | None = None  # a primary's current WAL position, a standby's replay position
 
 
-def _reason(exc: BaseException, timeout: float, password: str) -> str:
-    if isinstance(exc, TimeoutError):
-        reason = f"timed out after {timeout:g}s"
-    elif isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
-        reason = os.strerror(exc.errno).lower()
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    # No driver message is known to echo the password; this makes sure none ever does.
-    return reason.replace(password, "***") if password else reason
-
-
 async def _identify(connection: ConnectionType, address: HostPort, latency: float) -> _Probe:
     """Role, read-only state and version from what the server reported at startup (no round trip on 14+)."""
     role = await session_role(connection)
@@ -174,7 +163,7 @@ async def _probe(address: HostPort, plan: ConnectionPlan) -> _Probe:
     except Exception as exc:  # noqa: BLE001 - every failure of a host is a line in the report
         if connection is not None:
             connection.terminate()
-        reason = _reason(exc, plan.timeout, str(plan.connect_args.get("password") or ""))
+        reason = describe_error(exc, timeout=plan.timeout, password=plan.connect_args.get("password"))
         if identity is None:
             return _Probe(HostStatus(address=address, reachable=latency is not None, latency=latency, error=reason))
         return dataclasses.replace(identity, status=dataclasses.replace(identity.status, error=reason))
@@ -231,17 +220,6 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
 # -- the `db-retry check` command ------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        msg = f"must be a number of seconds > 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def add_check_command(subparsers: "SubParsers") -> None:
     """Register ``check DSN [--timeout S] [--json]`` on an argparse subparsers object."""
     parser = subparsers.add_parser(
@@ -256,7 +234,7 @@ def add_check_command(subparsers: "SubParsers") -> None:
     parser.add_argument("dsn", metavar="DSN", help="a PostgreSQL / SQLAlchemy URL, one host or several")
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=number_argument(unit="seconds"),
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help=f"connect timeout of each host in seconds (default {DEFAULT_TIMEOUT:g})",
