@@ -162,7 +162,7 @@ async def test_standby_without_a_reachable_primary_has_no_byte_lag(pg_cluster: P
 
 
 async def test_single_host_dsn(pg_dsn: str) -> None:
-    """Runs against ``DB_DSN`` too."""
+    """Runs against ``DB_RETRY_TEST_DSN`` too."""
     url = sa.make_url(pg_dsn)
     report = await check_hosts(url)
     (host,) = report.hosts

@@ -164,15 +164,16 @@ async def test_node_addresses(pg_cluster: PostgresCluster) -> None:
     primary = pg_cluster.primary
     port = primary.port
     assert primary.address == f"127.0.0.1:{port}"
-    assert primary.dsn() == f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    assert primary.dsn() == f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"  # as multihost_dsn()
+    assert primary.dsn(driver=None) == f"postgresql://postgres@127.0.0.1:{port}/postgres"
     assert primary.dsn(driver="asyncpg", database="other") == f"postgresql+asyncpg://postgres@127.0.0.1:{port}/other"
     assert primary.conninfo() == f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
     # Both forms reach the server with psycopg, the URL one with asyncpg too.
-    for dsn in (primary.dsn(), primary.conninfo()):
+    for dsn in (primary.dsn(driver=None), primary.conninfo()):
         with psycopg.connect(dsn, connect_timeout=10) as connection:
             row = connection.execute("SELECT current_user, inet_server_port()").fetchone()
         assert row == ("postgres", port)
-    connection = await asyncpg.connect(primary.dsn(), timeout=10)
+    connection = await asyncpg.connect(primary.dsn(driver=None), timeout=10)
     try:
         assert await connection.fetchval("SELECT inet_server_addr()::text") == "127.0.0.1/32"
     finally:

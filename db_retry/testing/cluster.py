@@ -198,8 +198,11 @@ class PostgresNode:
         self._ctl_lock = threading.Lock()
 
     # -- addresses ---------------------------------------------------------
-    def dsn(self, *, driver: str | None = None, database: str | None = None) -> str:
-        """A URL DSN: ``postgresql://...`` (asyncpg, psycopg, libpq) or ``postgresql+DRIVER://...`` (SQLAlchemy)."""
+    def dsn(self, *, driver: str | None = "asyncpg", database: str | None = None) -> str:
+        """A URL DSN: ``postgresql+asyncpg://...`` by default, like :meth:`PostgresCluster.multihost_dsn`.
+
+        ``driver=None`` gives ``postgresql://...``, what asyncpg, psycopg and libpq take themselves.
+        """
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{self.user}@{self.host}:{self.port}/{database or self.database}"
 
@@ -281,7 +284,7 @@ class PostgresNode:
     async def connect(self, **kwargs: object) -> "asyncpg.Connection[asyncpg.Record]":
         """A plain asyncpg connection to this node (as the superuser)."""
         kwargs.setdefault("timeout", 10)
-        connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(), **kwargs)
+        connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(driver=None), **kwargs)
         return connection
 
     async def fetchval(self, query: str, *args: object) -> typing.Any:  # noqa: ANN401 - the query decides the type
