@@ -654,8 +654,12 @@ def test_a_missing_run_as_account_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 def test_root_as_the_run_as_account_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    with pytest.raises(ClusterError, match="DB_RETRY_PG_USER='root' is root; PostgreSQL needs an unprivileged account"):
-        kit._Account.resolve("root")
+    monkeypatch.delenv(kit.RUN_AS_ENV, raising=False)
+    with pytest.raises(ClusterError, match=r"^run_as='root' is root; PostgreSQL needs an unprivileged account"):
+        kit._Account.resolve("root")  # the argument is named, not a variable that was not used
+    monkeypatch.setenv(kit.RUN_AS_ENV, "root")
+    with pytest.raises(ClusterError, match=r"^DB_RETRY_PG_USER='root' is root; PostgreSQL needs an unprivileged"):
+        kit._Account.resolve(None)
 
 
 def test_a_normal_user_is_its_own_account(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,7 +94,8 @@ class _Account:
             )
             raise ClusterError(msg) from None
         if entry.pw_uid == 0:
-            msg = f"{RUN_AS_ENV}={name!r} is root; PostgreSQL needs an unprivileged account"
+            given = f"run_as={name!r}" if run_as else f"{RUN_AS_ENV}={name!r}"  # blame what was used
+            msg = f"{given} is root; PostgreSQL needs an unprivileged account"
             raise ClusterError(msg)
         return cls(uid=entry.pw_uid, gid=entry.pw_gid, name=name)
 
