@@ -10,6 +10,7 @@ that health reports, ``NoHostAvailableError`` and replica statuses show.
 import argparse
 import functools
 import os
+import socket
 import typing
 
 import pydantic
@@ -116,11 +117,14 @@ def number_argument(
 def describe_error(exc: BaseException, *, timeout: float | None = None, password: str | None = None) -> str:
     """One line saying why a connect or a check failed, never holding ``password``.
 
-    A timeout says how long was waited; an ``OSError`` with an errno is the system's words for it
-    (``connection refused``); anything else is the class name and the first line of its message.
+    A timeout says how long was waited; a failed name lookup says so; an ``OSError`` with an errno
+    is the system's words for it (``connection refused``); anything else is the class name and the
+    first line of its message.
     """
     if isinstance(exc, TimeoutError):
         reason = "timed out" if timeout is None else f"timed out after {timeout:g}s"
+    elif isinstance(exc, socket.gaierror):  # its errno is negative: not an os.strerror() code
+        reason = f"cannot resolve the host name: {str(exc.strerror).lower()}"
     elif isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
         reason = os.strerror(exc.errno).lower()
     else:

@@ -40,7 +40,7 @@ from db_retry.testing.pytest_plugin import DSN_ENV, FRESH_SKIP_REASON, STANDBY_S
 
 
 IS_ROOT = os.geteuid() == 0
-# Tests that start servers without the plugin's fixtures; the fixtures skip themselves under DB_DSN.
+# Tests that start servers without the plugin's fixtures; the fixtures skip themselves under DB_RETRY_TEST_DSN.
 kit_only = pytest.mark.skipif(bool(os.environ.get(DSN_ENV)), reason=FRESH_SKIP_REASON)
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 

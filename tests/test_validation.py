@@ -66,8 +66,12 @@ def test_a_command_line_option_is_parsed_and_argparse_names_it(capsys: pytest.Ca
         (TimeoutError(), {"timeout": 0.5}, "timed out after 0.5s"),
         (TimeoutError(), {}, "timed out"),
         (ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed"), {}, "connection refused"),
-        # A resolver error has a negative errno: its own message is the useful part.
-        (socket.gaierror(-2, "Name or service not known"), {}, "gaierror: [Errno -2] Name or service not known"),
+        (OSError(-5, "negative"), {}, "OSError: [Errno -5] negative"),
+        (
+            socket.gaierror(-2, "Name or service not known"),
+            {},
+            "cannot resolve the host name: name or service not known",
+        ),
         (OSError("no errno"), {}, "OSError: no errno"),
         (RuntimeError("first line\nsecond line"), {}, "RuntimeError: first line"),
         (RuntimeError(), {}, "RuntimeError"),
