@@ -16,32 +16,36 @@ __all__ = ["build_parser", "main"]
 DISTRIBUTION: typing.Final = "db-retry"
 
 CHECK_DESCRIPTION: typing.Final = """\
-Probe every host of DSN at once and print reachability, connect latency, role, server version and
-replication lag, and which host each target_session_attrs value would pick. DSN is a URL
-(postgresql://user:password@host:5432/db, several hosts as ?host=h1:5432&host=h2:5432) or a libpq
-connection string ('host=h1,h2 port=5432,5432 dbname=db user=app').
+Probe every host of DSN at once and print reachability, connect latency, role,
+server version and replication lag, and which host each target_session_attrs
+value would pick. DSN is a URL (postgresql://user:password@host:5432/db, several
+hosts as ?host=h1:5432&host=h2:5432) or a libpq connection string
+('host=h1,h2 port=5432,5432 dbname=db user=app').
 
-The lag columns, for standbys (primaries show -):
-  LAG BYTES   WAL the primary has written that this standby has not replayed yet (needs a reachable
-              primary in the DSN)
+The lag columns, for standbys (a primary shows -):
+  LAG BYTES   WAL the primary has written that this standby has not replayed
+              yet (needs a reachable primary in the DSN)
   UNREPLAYED  WAL this standby has received but not replayed yet, in bytes
-  LAG S       seconds since the last replayed commit; 0 when everything received is replayed (an idle
-              primary does not count as lag)
+  LAG S       seconds since the last replayed commit; 0 when everything
+              received is replayed (an idle primary is not lag)
 
-Exit status: 0 when some host satisfies the DSN's target_session_attrs, 1 when none does, 2 on a
-malformed DSN or bad options."""
+Exit status: 0 when some host satisfies the DSN's target_session_attrs, 1 when
+none does, 2 on a malformed DSN or bad options."""
 
 DEMO_DESCRIPTION: typing.Final = f"""\
-Start a throwaway PostgreSQL primary and streaming standby on loopback ports, run bank transfers
-through db-retry (SERIALIZABLE transactions, retries, a multi-host read-write connection) for
---duration seconds, inject the --faults one after another, then check that no money was lost or
-created and that every transfer reported as done is in the ledger exactly once. Needs the PostgreSQL
-server binaries (initdb, pg_ctl, postgres, pg_basebackup); the servers are stopped at the end.
+Start a throwaway PostgreSQL primary and streaming standby on loopback ports,
+run bank transfers through db-retry (SERIALIZABLE transactions, retries, a
+multi-host read-write connection) for --duration seconds while the --faults are
+injected one after another, then check that no money was lost or created and
+that every transfer reported as done is in the ledger exactly once. Needs the
+PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup); the
+servers are stopped at the end.
 
 Faults: {", ".join(demo.FAULTS)}.
-Ctrl-C stops the faults and prints the report so far, with the invariant check (exit status 130).
+Ctrl-C stops the faults and prints the report so far, with the invariant check.
 
-Exit status: 0 when the invariant holds, 1 when it breaks, 2 on bad options or missing binaries."""
+Exit status: 0 when the invariant holds, 1 when it breaks, 2 on bad options or
+missing server binaries, 130 after Ctrl-C."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -380,6 +380,19 @@ async def _until_done_or_interrupted(work: asyncio.Task[None], interrupt: asynci
     return interrupt.is_set()
 
 
+async def _stop(stop: asyncio.Event, tasks: list[asyncio.Task[None]], *, cancel: bool) -> None:
+    """Stop the workers and the reporter; after Ctrl-C without waiting for transfers in flight.
+
+    A transfer in flight may be retrying through an outage for a while. A cancelled one is neither
+    ok nor failed, and the invariants hold either way.
+    """
+    stop.set()
+    if cancel:
+        for task in tasks:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _run(
     config: DemoConfig, cluster: PostgresCluster, stream: typing.TextIO, interrupt: asyncio.Event
 ) -> DemoReport:
@@ -412,11 +425,7 @@ async def _run(
         try:
             interrupted = await _until_done_or_interrupted(asyncio.create_task(faults_then_the_rest()), interrupt)
         finally:
-            stop.set()
-            if interrupt.is_set():  # do not wait for transfers in flight (a retry may wait out an outage)
-                for worker in workers:
-                    worker.cancel()
-            await asyncio.gather(*workers, reporter, return_exceptions=True)
+            await _stop(stop, [*workers, reporter], cancel=interrupt.is_set())
         _measure_time_lost(chaos.records, workload.outcomes.commit_times, workload.clock())
         print(progress.line(), file=stream, flush=True)
         if interrupted:
@@ -500,7 +509,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C while wrapping up; the kit stops its servers
         print("db-retry demo: interrupted again; stopping", file=sys.stderr)  # noqa: T201 - the command's output
         return INTERRUPTED
-    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))  # noqa: T201 - the command's output
+    return print_report(report, as_json=args.json)
+
+
+def print_report(report: DemoReport, *, as_json: bool = False) -> int:
+    """Print the report (a table, or JSON) and return the exit status: 130 after Ctrl-C, else 0 or 1."""
+    print(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))  # noqa: T201 - the command's output
     if report.interrupted:
         return INTERRUPTED
     return 0 if report.invariants.holds else 1

@@ -369,7 +369,9 @@ def test_ctrl_c_in_process_gives_the_report_so_far_and_status_130(monkeypatch: p
     assert re.search(r"^invariant +HOLDS$", text, flags=re.MULTILINE)
 
 
-async def test_an_interrupt_before_the_first_tick_still_reports(pg_cluster: PostgresCluster) -> None:
+async def test_an_interrupt_before_the_first_tick_still_reports(
+    pg_cluster: PostgresCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
     interrupt = asyncio.Event()
     interrupt.set()
     report = await run_demo(
@@ -379,3 +381,5 @@ async def test_an_interrupt_before_the_first_tick_still_reports(pg_cluster: Post
     assert report.faults == []
     assert report.invariants.holds
     assert report.as_dict()["interrupted"] is True
+    assert demo_module.print_report(report) == 130
+    assert "interrupted (Ctrl-C): the run so far" in capsys.readouterr().out
