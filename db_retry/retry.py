@@ -1,24 +1,29 @@
 """``postgres_retry``: retry a coroutine when PostgreSQL reports a transient failure.
 
 The success path is one ``try`` around one ``await``; the retry machinery (settings, tenacity
-objects) is built only after a first failure that is worth retrying.
+objects) is built only after a first failure that is worth retrying. Nothing is shared between
+calls: contention is handled by each call's own full-jitter backoff (``architecture/retry.md``).
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
+import random
+import time
 import typing
-import weakref
 
+import sqlalchemy as sa
 import tenacity
+from sqlalchemy import orm
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
-from db_retry.settings import RetrySettings, get_settings
+from db_retry.settings import RetrySettings, SettingsError, get_settings
+from db_retry.transaction import cannot_continue
 
 
 logger = logging.getLogger("db_retry.retry")
@@ -28,6 +33,7 @@ _T = typing.TypeVar("_T")
 _Q = typing.ParamSpec("_Q")
 _R = typing.TypeVar("_R")
 Sleep: typing.TypeAlias = typing.Callable[[float], typing.Awaitable[None]]
+Uniform: typing.TypeAlias = typing.Callable[[float, float], float]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,11 +63,25 @@ class RetryEvent:
         }
 
 
+class _full_jitter(tenacity.wait_exponential):  # noqa: N801 - named like tenacity's strategies
+    """Uniform in ``[0, min(max, multiplier * 2**(n-1))]``: tenacity's exponential ceiling, full jitter.
+
+    ``uniform`` is :func:`random.uniform` unless a test gives its own.
+    """
+
+    def __init__(self, *, multiplier: float, max: float, uniform: Uniform = random.uniform) -> None:  # noqa: A002
+        super().__init__(multiplier=multiplier, max=max)
+        self.uniform = uniform
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return self.uniform(0.0, super().__call__(retry_state))
+
+
 class wait_for_error(wait_base):  # noqa: N801 - named like tenacity's strategies
     """Full-jitter exponential waits chosen by the kind of the last failure.
 
-    Conflicts (``40001``, ``40P01``) wait milliseconds; a lost or unreachable server waits longer,
-    up to a cap, so a caller notices quickly that the server is back.
+    Conflicts (``40001``, ``40P01``) start at milliseconds and grow to a cap; a lost or unreachable
+    server waits longer, up to its own cap, so a caller notices quickly that the server is back.
     """
 
     def __init__(self, *, conflict: wait_base, outage: wait_base) -> None:
@@ -69,13 +89,10 @@ class wait_for_error(wait_base):  # noqa: N801 - named like tenacity's strategie
         self.outage = outage
 
     @classmethod
-    def from_settings(cls, settings: RetrySettings) -> "wait_for_error":
+    def from_settings(cls, settings: RetrySettings, *, uniform: Uniform = random.uniform) -> "wait_for_error":
         return cls(
-            conflict=tenacity.wait_random_exponential(
-                multiplier=settings.conflict_delay,
-                max=settings.conflict_max_delay,
-            ),
-            outage=tenacity.wait_random_exponential(multiplier=settings.outage_delay, max=settings.outage_max_delay),
+            conflict=_full_jitter(multiplier=settings.conflict_delay, max=settings.conflict_max_delay, uniform=uniform),
+            outage=_full_jitter(multiplier=settings.outage_delay, max=settings.outage_max_delay, uniform=uniform),
         )
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
@@ -91,65 +108,80 @@ def _failure_kind(retry_state: tenacity.RetryCallState) -> ErrorKind | None:
 
 
 class _Budget(stop_base):
-    """Stop after ``attempts`` attempts that ran the work, or when time is up.
+    """When to stop retrying one call; every limit runs from the call's first failure.
 
-    Attempts that could not reach a usable server at all (:attr:`ErrorKind.UNAVAILABLE`) did not run
-    the work; they do not count, and are bounded by ``outage_timeout`` instead.
+    - ``attempts``: attempts that ran the work (conflicts and outages). With ``conflict_timeout``
+      set, conflicts do not count here and stop after that many seconds instead.
+    - ``outage_timeout``: attempts that could not reach a usable server at all
+      (:attr:`ErrorKind.UNAVAILABLE`) did not run the work; they never count, and stop after this.
+    - ``timeout``: the whole retry, whatever failed.
     """
 
-    def __init__(self, *, attempts: int, outage_timeout: float, timeout: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        attempts: int,
+        conflict_timeout: float | None,
+        outage_timeout: float,
+        timeout: float | None,
+        clock: typing.Callable[[], float] = time.monotonic,
+    ) -> None:
         self.attempts = attempts
+        self.conflict_timeout = conflict_timeout
         self.outage_timeout = outage_timeout
         self.timeout = timeout
+        self.clock = clock
+        self.started = clock()
         self._counted = 0
+
+    def _limit(self, kind: ErrorKind | None) -> float | None:
+        if kind is ErrorKind.UNAVAILABLE:
+            return self.outage_timeout
+        if kind is ErrorKind.CONFLICT:
+            return self.conflict_timeout
+        return None
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         kind = _failure_kind(retry_state)
-        elapsed = retry_state.seconds_since_start or 0.0
-        if kind is not ErrorKind.UNAVAILABLE:  # tenacity asks once per failed attempt
+        elapsed = self.clock() - self.started
+        limit = self._limit(kind)
+        if limit is None:  # tenacity asks once per failed attempt
             self._counted += 1
         if self.timeout is not None and elapsed >= self.timeout:
             return True
-        if kind is ErrorKind.UNAVAILABLE:
-            return elapsed >= self.outage_timeout
+        if limit is not None:
+            return elapsed >= limit
         return self._counted >= self.attempts
 
     def remaining(self, retry_state: tenacity.RetryCallState) -> float:
-        elapsed = retry_state.seconds_since_start or 0.0
-        limits = [self.outage_timeout - elapsed] if _failure_kind(retry_state) is ErrorKind.UNAVAILABLE else []
+        elapsed = self.clock() - self.started
+        limit = self._limit(_failure_kind(retry_state))
+        limits = [limit - elapsed] if limit is not None else []
         if self.timeout is not None:
             limits.append(self.timeout - elapsed)
         return max(0.0, min(limits, default=float("inf")))
 
 
-# How long a queued caller waits for its turn, in conflict waits (``conflict_max_delay``): a queue of
-# callers whose attempts take a few milliseconds each drains well within it; a stuck turn does not hold
-# the others for longer.
-_GATE_PATIENCE: typing.Final = 10
-_GATES: typing.Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]] = (
-    weakref.WeakKeyDictionary()
+_OWNERS: typing.Final = (AsyncSession, orm.Session, AsyncConnection, sa.Connection)
+
+
+def _caller_transaction(args: tuple[object, ...], kwargs: dict[str, object]) -> str | None:
+    """Which argument holds an open transaction that cannot continue (a session or connection the caller owns)."""
+    named = [(f"argument {index + 1}", value) for index, value in enumerate(args)] + [
+        (f"argument {name!r}", value) for name, value in kwargs.items()
+    ]
+    for where, value in named:
+        if isinstance(value, _OWNERS) and cannot_continue(value):
+            return f"{where} ({type(value).__name__})"
+    return None
+
+
+_CALLER_NOTE: typing.Final = (
+    "db-retry did not retry {function}: the transaction of {owner} was begun outside the retried "
+    "function and can no longer continue. Retrying inside it would fail with 25P02 or commit only "
+    "part of the caller's work. Begin the transaction inside the retried function (Transaction, "
+    "session.begin(), engine.begin()), or retry the caller's whole unit of work."
 )
-
-
-@contextlib.asynccontextmanager
-async def _conflict_gate(function: str, patience: float) -> typing.AsyncIterator[None]:
-    """Let the retries of ``function`` that follow a conflict run one at a time (per event loop).
-
-    Callers that just lost a serialization conflict or a deadlock usually contend for the same rows:
-    run together again, all but one lose again. Queued, each runs alone against at most the first
-    attempts of other calls. A caller waits at most ``patience`` seconds for its turn, then goes ahead.
-    """
-    lock = _GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(function, asyncio.Lock())
-    try:
-        async with asyncio.timeout(patience):
-            await lock.acquire()
-    except TimeoutError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,8 +194,6 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
-    # Counts the calls of the function retrying after a conflict (+1 / -1); lives in the wrapper's closure.
-    count_conflicted: typing.Callable[[int], None]
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -171,72 +201,71 @@ class _Policy:
             return kind
         return None
 
-    async def run_queued(self, call: typing.Callable[[], typing.Awaitable[_T]]) -> _T:
-        """A call that came in while others of its function retry a conflict: its turn comes after theirs."""
-        try:
-            async with _conflict_gate(self.function, get_settings().conflict_max_delay * _GATE_PATIENCE):
-                return await call()
-        except Exception as exc:
-            if self.retried_kind(exc) is None:
-                raise
-            first_error = exc
-        return await self.run(first_error, call, queued=True)
-
     async def run(
         self,
         first_error: Exception,
         call: typing.Callable[[], typing.Awaitable[_T]],
-        *,
-        queued: bool = False,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> _T:
         """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
-        settings = get_settings()
+        settings = self._settings(first_error)
+        explicit = self.retries is not None or settings.retries_set
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
+            conflict_timeout=None if explicit else settings.conflict_timeout,
             outage_timeout=settings.outage_timeout,
             timeout=self.timeout if self.timeout is not None else settings.timeout,
         )
         base_wait = self.wait or wait_for_error.from_settings(settings)
+        blocked: list[str] = []
 
         def wait(retry_state: tenacity.RetryCallState) -> float:
             return min(float(base_wait(retry_state)), budget.remaining(retry_state))
 
+        def should_retry(exc: BaseException) -> bool:
+            if self.retried_kind(exc) is None:
+                return False
+            owner = _caller_transaction(args, kwargs)
+            if owner is None:
+                return True
+            exc.add_note(_CALLER_NOTE.format(function=self.function, owner=owner))
+            blocked.append(owner)
+            return False
+
         retrying = tenacity.AsyncRetrying(
             stop=self.stop or budget,
             wait=wait,
-            retry=tenacity.retry_if_exception(lambda exc: self.retried_kind(exc) is not None),
+            retry=tenacity.retry_if_exception(should_retry),
             before_sleep=self._before_sleep,
             sleep=self.sleep or asyncio.sleep,
             reraise=True,
         )
         pending: Exception | None = first_error
-        conflicted = classify(first_error) is ErrorKind.CONFLICT
-        gated = queued or conflicted
-        if conflicted:
-            self.count_conflicted(1)
         try:
             async for attempt in retrying:  # pragma: no branch - tenacity ends it by returning or raising
                 with attempt:
                     if pending is not None:
                         error, pending = pending, None
                         raise error  # the first attempt already ran: let tenacity account for it
-                    try:
-                        if not gated:
-                            return await call()
-                        async with _conflict_gate(self.function, settings.conflict_max_delay * _GATE_PATIENCE):
-                            return await call()
-                    except Exception as exc:
-                        if not conflicted and classify(exc) is ErrorKind.CONFLICT:
-                            conflicted = gated = True
-                            self.count_conflicted(1)
-                        raise
+                    return await call()
         except Exception as exc:
-            self._give_up(exc, retrying.statistics.get("attempt_number", 1))
+            reason = f"the caller owns the transaction of {blocked[0]}" if blocked else None
+            self._give_up(exc, retrying.statistics.get("attempt_number", 1), reason=reason)
             raise
-        finally:
-            if conflicted:
-                self.count_conflicted(-1)
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
+
+    def _settings(self, first_error: Exception) -> RetrySettings:
+        """The settings; if a variable went bad since decoration, ``first_error`` is raised with a note instead."""
+        try:
+            return get_settings()
+        except SettingsError as exc:
+            problem = exc
+        # Raised outside the ``except`` block: the database error stays the one callers catch, with its
+        # chain untouched; the bad setting is named in a note.
+        first_error.add_note(f"db-retry did not retry {self.function}: {problem}")
+        self._give_up(first_error, 1, reason="invalid settings")
+        raise first_error
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         outcome = retry_state.outcome
@@ -267,7 +296,7 @@ class _Policy:
             except Exception:
                 logger.exception("on_retry hook of %s failed; the retry goes on", self.function)
 
-    def _give_up(self, error: Exception, attempts: int) -> None:
+    def _give_up(self, error: Exception, attempts: int, *, reason: str | None) -> None:
         kind = self.retried_kind(error)
         fields = {
             "db_retry_function": self.function,
@@ -276,7 +305,17 @@ class _Policy:
             "db_retry_sqlstate": sqlstate_on_chain(error),
             "db_retry_error_class": f"{type(error).__module__}.{type(error).__qualname__}",
         }
-        if kind is None:
+        if reason is not None:
+            logger.warning(
+                "not retrying %s after attempt %d failed with %s (sqlstate %s): %s",
+                self.function,
+                attempts,
+                fields["db_retry_error_class"],
+                fields["db_retry_sqlstate"],
+                reason,
+                extra=fields,
+            )
+        elif kind is None:
             logger.info(
                 "%s failed on attempt %d with a non-transient %s; not retrying",
                 self.function,
@@ -360,6 +399,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
     """
     _check_options(retries, timeout)
+    get_settings()  # a bad DB_RETRY_* value fails here, at decoration, naming the variable and the value
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],
@@ -367,14 +407,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
-        conflicted = 0  # calls of ``f`` retrying after a conflict right now
-
-        def count_conflicted(delta: int) -> None:
-            nonlocal conflicted
-            conflicted += delta
-
         policy = _Policy(
-            count_conflicted=count_conflicted,
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,
@@ -387,8 +420,6 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if conflicted:  # a hot spot right now: queue behind the calls retrying it (a closure cell: cheap)
-                return await policy.run_queued(functools.partial(f, *args, **kwargs))
             try:
                 return await f(*args, **kwargs)
             except Exception as exc:
@@ -396,7 +427,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
                     raise
                 first_error = exc
             # Outside the ``except`` block, so later attempts' errors do not get the first one as context.
-            return await policy.run(first_error, functools.partial(f, *args, **kwargs))
+            return await policy.run(first_error, functools.partial(f, *args, **kwargs), args, kwargs)
 
         return retrying
 
