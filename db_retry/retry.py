@@ -6,13 +6,19 @@ calls: contention is handled by each call's own full-jitter backoff (``architect
 """
 
 import asyncio
+import collections
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
 import logging
+import math
 import random
+import threading
 import time
 import typing
+import weakref
 
 import sqlalchemy as sa
 import tenacity
@@ -107,6 +113,10 @@ def _failure_kind(retry_state: tenacity.RetryCallState) -> ErrorKind | None:
     return classify(error) if error is not None else None
 
 
+# The longest a call waits for its turn at a hot spot (a turn stuck in a slow query holds nobody longer).
+_PATIENCE: typing.Final = 1.0
+
+
 class _Budget(stop_base):
     """When to stop retrying one call; every limit runs from the call's first failure.
 
@@ -153,6 +163,12 @@ class _Budget(stop_base):
             return elapsed >= limit
         return self._counted >= self.attempts
 
+    def remaining_after_conflict(self) -> float:
+        """Seconds left for retrying conflicts (the time budgets that apply to them)."""
+        elapsed = self.clock() - self.started
+        limits = [limit - elapsed for limit in (self.conflict_timeout, self.timeout) if limit is not None]
+        return max(0.0, min(limits, default=_PATIENCE))
+
     def remaining(self, retry_state: tenacity.RetryCallState) -> float:
         elapsed = self.clock() - self.started
         limit = self._limit(_failure_kind(retry_state))
@@ -160,6 +176,157 @@ class _Budget(stop_base):
         if self.timeout is not None:
             limits.append(self.timeout - elapsed)
         return max(0.0, min(limits, default=float("inf")))
+
+
+# Additive increase of the hot-spot limit per call that gets through, over the limit (AIMD).
+_INCREASE: typing.Final = 0.1
+# A call waiting for a turn longer than this goes before newer ones (seconds).
+_FAIR_AFTER: typing.Final = 0.1
+
+
+_HELD: typing.Final[contextvars.ContextVar[frozenset[int]]] = contextvars.ContextVar(
+    "db_retry_held",
+    default=frozenset(),
+)
+
+
+class _HotSpot:
+    """Turns for the calls of one decorated function in one event loop, while it is a hot spot (AIMD).
+
+    Not engaged (no limit, no turns) until a retry after a conflict conflicts again: the calls then
+    contend for the same rows, and running them all together only makes them lose again. Engaged,
+    every call of the function in this loop takes a turn:
+
+    - a conflict halves the limit (down to 1); a call that gets through raises it by
+      ``_INCREASE / limit``; once the limit holds nobody back, the function runs freely again;
+    - a conflict at a limit of 1 came from outside this loop (another process, another function):
+      turns pause for a full-jitter wait that doubles with each such conflict, so processes that
+      share the hot spot spread out like one call's retries do;
+    - the newest waiter goes first, so most calls pass quickly, but any waiter older than
+      ``_FAIR_AFTER`` goes before it, so none waits much longer than that;
+    - a call waits at most ``patience`` seconds, then goes ahead without a turn; a nested or
+      recursive call inside a turn never waits.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "delays",
+        "limit",
+        "notify",
+        "pause",
+        "resume_at",
+        "running",
+        "uniform",
+        "waiters",
+        "waking",
+    )
+
+    def __init__(self, notify: typing.Callable[[int], None], *, uniform: Uniform = random.uniform) -> None:
+        self.notify = notify  # +1 when engaged, -1 when released: the decorator's cheap "is it hot?" count
+        self.uniform = uniform
+        self.limit = math.inf
+        self.running = 0
+        self.waiters: collections.deque[tuple[float, asyncio.Future[bool]]] = collections.deque()
+        self.delays = (0.005, 0.1)  # base and cap of the pauses: the conflict waits of the latest retry
+        self.pause = 0.0  # ceiling of the current pause
+        self.resume_at = 0.0  # loop time before which no turn starts
+        self.waking: asyncio.TimerHandle | None = None
+
+    def __del__(self) -> None:
+        if self.engaged:  # its event loop is gone while the function was hot there
+            self.notify(-1)
+
+    @property
+    def engaged(self) -> bool:
+        return self.limit < math.inf
+
+    @contextlib.asynccontextmanager
+    async def turn(self, *, patience: float, retry: bool) -> typing.AsyncIterator[None]:
+        """Run the body as one attempt of the function; its outcome adjusts the limit."""
+        held = _HELD.get()
+        if id(self) in held:  # nested in a turn of the same function: waiting for ourselves would stall
+            yield
+            return
+        granted = await self._acquire(patience)
+        token = _HELD.set(held | {id(self)})
+        try:
+            yield
+        except Exception as exc:
+            if (retry or self.engaged) and classify(exc) is ErrorKind.CONFLICT:
+                self._conflicted()
+            raise
+        else:
+            self._succeeded()
+        finally:
+            _HELD.reset(token)
+            if granted:
+                self.running -= 1
+            self._wake()
+
+    def _conflicted(self) -> None:
+        if not self.engaged:
+            self.notify(1)
+        elif self.limit <= 1 and self.running == 1:  # it ran alone here and still lost: the rival is elsewhere
+            base, cap = self.delays
+            self.pause = min(cap, max(base, self.pause * 2))
+            now = asyncio.get_running_loop().time()
+            self.resume_at = max(self.resume_at, now + self.uniform(0.0, self.pause))
+        self.limit = max(1.0, min(self.limit, self.running) / 2)
+
+    def _succeeded(self) -> None:
+        if not self.engaged:
+            return
+        self.pause /= 2
+        self.limit += _INCREASE / self.limit
+        if self.limit > self.running + len(self.waiters) + 1:  # the limit no longer holds anyone back
+            self.limit = math.inf
+            self.pause = 0.0
+            self.notify(-1)
+
+    async def _acquire(self, patience: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if self.running + 1 <= self.limit and not self.waiters and loop.time() >= self.resume_at:
+            self.running += 1
+            return True
+        waiter: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(patience, _give_up_waiting, waiter)
+        entry = (loop.time(), waiter)
+        self.waiters.append(entry)
+        self._wake()
+        try:
+            return await waiter  # True: granted (``running`` already counts it); False: patience ran out
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.running -= 1
+                self._wake()
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(entry)
+
+    def _wake(self) -> None:
+        if not self.waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self.resume_at:
+            if self.waking is None or self.waking.when() != self.resume_at:
+                if self.waking is not None:
+                    self.waking.cancel()
+                self.waking = loop.call_at(self.resume_at, self._wake)
+            return
+        while self.waiters and self.running + 1 <= self.limit:
+            oldest = now - self.waiters[0][0] >= _FAIR_AFTER
+            _, waiter = self.waiters.popleft() if oldest else self.waiters.pop()
+            if not waiter.done():
+                waiter.set_result(True)
+                self.running += 1
+
+
+def _give_up_waiting(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 _OWNERS: typing.Final = (AsyncSession, orm.Session, AsyncConnection, sa.Connection)
@@ -194,6 +361,41 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
+    count_hot: typing.Callable[[int], None]  # the decorator's count of loops where the function is a hot spot
+    # One hot-spot state per event loop the function runs in: lives as long as the decorated function and the loop.
+    spots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HotSpot] = dataclasses.field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def hot_spot(self) -> _HotSpot:
+        """The function's contention state in the running event loop (each loop, so each thread, has its own)."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            spot = self.spots.get(loop)
+            if spot is None:
+                spot = self.spots[loop] = _HotSpot(self._count_hot)
+        return spot
+
+    def _count_hot(self, delta: int) -> None:
+        with self.lock:
+            self.count_hot(delta)
+
+    async def run_hot(
+        self, call: typing.Callable[[], typing.Awaitable[_T]], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> _T:
+        """A first attempt while the function is a hot spot in some loop: take a turn if it is one in this loop."""
+        spot = self.hot_spot()
+        try:
+            if not spot.engaged:
+                return await call()
+            async with spot.turn(patience=_PATIENCE, retry=False):
+                return await call()
+        except Exception as exc:
+            if self.retried_kind(exc) is None:
+                raise
+            first_error = exc
+        return await self.run(first_error, call, args, kwargs)
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -242,13 +444,24 @@ class _Policy:
             reraise=True,
         )
         pending: Exception | None = first_error
+        last: Exception = first_error
+        spot = self.hot_spot()
+        spot.delays = (settings.conflict_delay, settings.conflict_max_delay)
         try:
             async for attempt in retrying:  # pragma: no branch - tenacity ends it by returning or raising
                 with attempt:
                     if pending is not None:
                         error, pending = pending, None
                         raise error  # the first attempt already ran: let tenacity account for it
-                    return await call()
+                    try:
+                        if classify(last) is not ErrorKind.CONFLICT:
+                            return await call()
+                        patience = min(_PATIENCE, budget.remaining_after_conflict())
+                        async with spot.turn(patience=patience, retry=True):
+                            return await call()
+                    except Exception as exc:
+                        last = exc
+                        raise
         except Exception as exc:
             reason = f"the caller owns the transaction of {blocked[0]}" if blocked else None
             self._give_up(exc, retrying.statistics.get("attempt_number", 1), reason=reason)
@@ -407,7 +620,14 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
+        hot = 0  # event loops in which this function is a hot spot right now
+
+        def count_hot(delta: int) -> None:
+            nonlocal hot
+            hot += delta
+
         policy = _Policy(
+            count_hot=count_hot,
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,
@@ -420,6 +640,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
+            if hot:  # a hot spot in some event loop (a closure cell: cheap); turns are per loop
+                return await policy.run_hot(functools.partial(f, *args, **kwargs), args, kwargs)
             try:
                 return await f(*args, **kwargs)
             except Exception as exc:

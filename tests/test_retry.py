@@ -5,6 +5,7 @@ import collections.abc
 import inspect
 import logging
 import random
+import threading
 import typing
 
 import asyncpg
@@ -213,56 +214,146 @@ async def test_ambiguous_commits_are_retried_only_on_request() -> None:
 # -- contention -------------------------------------------------------------------------------------
 
 
-async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
+async def _spin(turns: int = 200) -> None:
+    """Let the event loop run ``turns`` times: calls that are not waiting for one another finish meanwhile."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_calls_do_not_wait_for_a_call_retrying_a_conflict() -> None:
     release = asyncio.Event()
-    conflicted = asyncio.Event()
-    order: list[str] = []
+    pair = asyncio.Barrier(2)
 
     async def held_sleep(_: float) -> None:
-        await release.wait()  # keeps the first call in its conflict retry while the second arrives
+        await release.wait()  # keeps the first call between its conflict and its retry
 
     @postgres_retry(sleep=held_sleep)
-    async def hot(name: str) -> str:
-        order.append(name)
-        if name == "bug":
-            raise ValueError(name)
-        if order.count(name) == 1 and name != "second":
-            conflicted.set()
+    async def work(name: str) -> str:
+        if name == "conflicted" and not release.is_set():
             raise _Coded("40001")
+        if name != "conflicted":
+            await pair.wait()  # the two fresh calls need each other: neither may queue behind the other
         return name
 
-    first = asyncio.create_task(hot("first"))
-    await conflicted.wait()
-    gates = retry_module._GATES.setdefault(asyncio.get_running_loop(), {})
-    gates.pop(hot.__qualname__, None)
-    assert await hot("second") == "second"  # a conflict is being retried: this call took the gate
-    assert hot.__qualname__ in gates
-    with pytest.raises(ValueError, match="bug"):
-        await hot("bug")  # a queued call's own error still propagates at once
-    third = asyncio.create_task(hot("third"))  # queued, conflicts, and retries like any other
-    await asyncio.sleep(0.01)
+    retrying = asyncio.create_task(work("conflicted"))
+    await _spin()
+    fresh = [asyncio.create_task(work("a")), asyncio.create_task(work("b"))]
+    await _spin()
+    assert all(task.done() for task in fresh)
     release.set()
-    assert list(await asyncio.gather(first, third)) == ["first", "third"]
-    assert order == ["first", "second", "bug", "third", "first", "third"]
-
-    @postgres_retry
-    async def calm() -> str:
-        return "parallel again"
-
-    assert await calm() == "parallel again"
+    assert await retrying == "conflicted"
+    assert [task.result() for task in fresh] == ["a", "b"]
 
 
-async def test_a_stuck_turn_holds_the_queue_only_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DB_RETRY_CONFLICT_MAX_DELAY", "0.005")  # patience: 10 x 5 ms
-    work, calls = _failing([_Coded("40001")])
-    decorated = postgres_retry(sleep=_no_sleep)(work)
-    lock = retry_module._GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(
-        "_failing.<locals>.work",
-        asyncio.Lock(),
-    )
-    async with lock:  # someone else's turn that never ends
-        assert await decorated() == "done"
-    assert len(calls) == 2
+def _same_named() -> collections.abc.Callable[[str, asyncio.Event], collections.abc.Coroutine[typing.Any, typing.Any, str]]:
+    """A factory: every function it makes has the same ``__qualname__``, as methods of same-named classes do."""
+    attempts: collections.Counter[str] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def step(name: str, release: asyncio.Event) -> str:
+        attempts[name] += 1
+        if attempts[name] <= (2 if name == "hot" else 1):
+            raise _Coded("40001")  # "hot" conflicts twice: its function becomes a hot spot
+        if name == "hot":
+            await release.wait()  # holds its turn
+        return name
+
+    return step
+
+
+async def test_functions_with_the_same_qualname_do_not_share_turns() -> None:
+    one, other = _same_named(), _same_named()
+    assert one.__qualname__ == other.__qualname__
+    release = asyncio.Event()
+    holding = asyncio.create_task(one("hot", release))
+    await _spin()
+    assert not holding.done()
+    unrelated = asyncio.create_task(other("cold", release))  # conflicts once, then retries
+    await _spin()
+    assert unrelated.done()
+    assert unrelated.result() == "cold"
+    release.set()
+    assert await holding == "hot"
+
+
+async def test_a_nested_or_recursive_call_inside_a_turn_does_not_wait_for_it() -> None:
+    attempts: collections.Counter[int] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def nested(depth: int) -> str:
+        attempts[depth] += 1
+        if attempts[depth] <= 2:  # noqa: PLR2004 - conflicting twice makes the function a hot spot
+            raise _Coded("40001")
+        return await nested(depth + 1) if depth == 0 else f"depth {depth}"
+
+    outer = asyncio.create_task(nested(0))
+    await _spin()
+    assert outer.done()
+    assert outer.result() == "depth 1"
+    assert attempts == {0: 3, 1: 3}
+
+
+def test_event_loops_in_two_threads_do_not_share_turns() -> None:
+    hot_in_first = threading.Event()
+    finish_first = threading.Event()
+    attempts: collections.Counter[str] = collections.Counter()
+    barrier: dict[str, asyncio.Barrier] = {}
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work(role: str) -> str:
+        attempts[role] += 1
+        if role == "hot":
+            if attempts[role] <= 2:  # noqa: PLR2004 - a hot spot in the first thread's loop
+                raise _Coded("40001")
+            hot_in_first.set()
+            await asyncio.to_thread(finish_first.wait)  # holds its turn there
+        else:
+            await barrier["pair"].wait()  # two calls in the second loop that need each other
+        return role
+
+    first = threading.Thread(target=lambda: asyncio.run(work("hot")))
+    first.start()
+    assert hot_in_first.wait(timeout=30)
+    done: list[bool] = []
+
+    async def second_loop() -> None:
+        barrier["pair"] = asyncio.Barrier(2)
+        pair = [asyncio.create_task(work("pair")) for _ in range(2)]
+        await _spin()
+        done.extend(task.done() for task in pair)
+        finish_first.set()
+        await asyncio.gather(*pair)
+
+    second = threading.Thread(target=lambda: asyncio.run(second_loop()))
+    second.start()
+    second.join(timeout=30)
+    first.join(timeout=30)
+    assert done == [True, True]
+    assert attempts == {"hot": 3, "pair": 2}
+
+
+async def test_a_wait_for_a_turn_that_runs_out_leaves_no_timeout_as_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry_module, "_PATIENCE", 0.001, raising=False)
+    release = asyncio.Event()
+    attempts: collections.Counter[str] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work(name: str) -> str:
+        attempts[name] += 1
+        if name == "hot":
+            if attempts[name] <= 2:  # noqa: PLR2004 - a hot spot
+                raise _Coded("40001")
+            await release.wait()  # a turn that lasts
+            return name
+        raise ValueError(name)
+
+    holding = asyncio.create_task(work("hot"))
+    await _spin()
+    with pytest.raises(ValueError, match="late") as caught:
+        await work("late")  # waits for a turn, gives up waiting, runs, fails for its own reason
+    assert caught.value.__context__ is None
+    release.set()
+    assert await holding == "hot"
 
 
 async def test_many_writers_on_one_hot_row_all_succeed_with_the_default_budget(engine: AsyncEngine) -> None:
