@@ -325,7 +325,7 @@ class _HotSpot:
 
 
 def _give_up_waiting(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
+    with contextlib.suppress(asyncio.InvalidStateError):  # granted (or cancelled) just before
         waiter.set_result(False)
 
 

@@ -285,7 +285,7 @@ async def test_a_nested_or_recursive_call_inside_a_turn_does_not_wait_for_it() -
     @postgres_retry(sleep=_no_sleep)
     async def nested(depth: int) -> str:
         attempts[depth] += 1
-        if attempts[depth] <= 2:  # noqa: PLR2004 - conflicting twice makes the function a hot spot
+        if attempts[depth] <= 2:
             raise _Coded("40001")
         return await nested(depth + 1) if depth == 0 else f"depth {depth}"
 
@@ -306,7 +306,7 @@ def test_event_loops_in_two_threads_do_not_share_turns() -> None:
     async def work(role: str) -> str:
         attempts[role] += 1
         if role == "hot":
-            if attempts[role] <= 2:  # noqa: PLR2004 - a hot spot in the first thread's loop
+            if attempts[role] <= 2:
                 raise _Coded("40001")
             hot_in_first.set()
             await asyncio.to_thread(finish_first.wait)  # holds its turn there
@@ -344,7 +344,7 @@ async def test_a_wait_for_a_turn_that_runs_out_leaves_no_timeout_as_context(monk
     async def work(name: str) -> str:
         attempts[name] += 1
         if name == "hot":
-            if attempts[name] <= 2:  # noqa: PLR2004 - a hot spot
+            if attempts[name] <= 2:
                 raise _Coded("40001")
             await release.wait()  # a turn that lasts
             return name
@@ -484,17 +484,16 @@ async def test_a_hot_spot_engages_on_a_repeated_conflict_and_is_released_when_th
     await _conflict_in(spot, retry=False)  # a first attempt's conflict: not a hot spot yet
     async with spot.turn(patience=1.0, retry=False):
         pass
-    assert not spot.engaged
+    assert spot.limit == float("inf")  # not engaged
     assert notified == []
-    await _conflict_in(spot)  # a retry that conflicted again
-    assert spot.engaged
+    await _conflict_in(spot)  # a retry that conflicted again: engaged
     assert spot.limit == 1
     assert notified == [1]
     successes = 0
     while spot.engaged:  # alone: released once the limit leaves a turn to spare
         async with spot.turn(patience=1.0, retry=False):
             successes += 1
-    assert 10 < successes < 20  # noqa: PLR2004 - from 1 to 2 by 0.1 / limit per call
+    assert 10 < successes < 20
     assert notified == [1, -1]
     with pytest.raises(ValueError, match="bug"):
         async with spot.turn(patience=1.0, retry=True):
@@ -515,10 +514,10 @@ async def test_the_limit_halves_on_conflicts_and_climbs_by_a_fraction_per_succes
 
     running = [asyncio.create_task(held(number)) for number in range(6)]
     await _spin()
-    assert spot.running == 6  # noqa: PLR2004
+    assert spot.running == 6
     gates[0].set()
     await _spin()
-    assert spot.limit == 3  # noqa: PLR2004 - half of the six that ran at once
+    assert spot.limit == 3
     gates[1].set()
     await _spin()
     assert spot.limit == pytest.approx(3 + 0.1 / 3)
@@ -609,6 +608,27 @@ async def test_a_waiter_that_is_cancelled_gives_its_turn_back() -> None:
     assert [type(result) for result in results] == [type(None), asyncio.CancelledError, asyncio.CancelledError]
     assert spot.running == 0
     assert not spot.waiters
+
+
+async def test_a_waiter_cancelled_just_before_turns_are_handed_out_is_skipped() -> None:
+    spot, _ = _spot()
+    spot.limit = 1.0
+    release = asyncio.Event()
+
+    async def call() -> None:
+        async with spot.turn(patience=10.0, retry=False):
+            await release.wait()
+
+    holder, first, second = (asyncio.create_task(call()) for _ in range(3))
+    await _spin()
+    first.cancel()  # its wait ends at once; it leaves the queue only when it runs again
+    spot.limit = 3.0
+    spot._wake()
+    assert spot.running == 2  # the holder and the second waiter; the cancelled one was passed over
+    release.set()
+    results = await asyncio.gather(holder, first, second, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert spot.running == 0
 
 
 async def test_a_hot_spot_dropped_with_its_loop_releases_the_function() -> None:
@@ -987,5 +1007,17 @@ async def test_a_session_passed_in_is_retried_when_the_function_begins_its_own_t
     async with AsyncSession(engine) as session:
         await increment(session)  # the 0.8.4 pattern: the function's own transaction rolled back, so it retries
     assert attempts == [1, 1]
+
+    @postgres_retry(sleep=_no_sleep)
+    async def own_block(connection: sa.ext.asyncio.AsyncConnection) -> None:
+        attempts.append(2)
+        async with connection.begin():
+            await connection.execute(sa.text("UPDATE retry_items SET note = note || '+2' WHERE id = 1"))
+            if attempts.count(2) == 1:
+                raise _Coded("40001")  # after the statement: the block rolls back what it did
+
     async with engine.connect() as connection:
-        assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "rival+1"
+        await own_block(connection)  # the same with a connection: its own begin() block rolled back
+    assert attempts.count(2) == 2
+    async with engine.connect() as connection:
+        assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "rival+1+2"
