@@ -195,8 +195,8 @@ async def contention(params: Params) -> Result:
 
     ``workload``: ``hot`` (read then write one row, SERIALIZABLE), ``spread`` (a transfer between two
     random accounts, SERIALIZABLE), ``rare`` (I/O, then a short read; a share of the calls meet one
-    conflict). With ``start_at`` (``time.monotonic()``), the work starts then: several processes of one
-    run start together.
+    conflict). After ``@READY`` it waits for ``go START_AT`` on stdin (a ``time.monotonic()`` value) and
+    starts then, so the processes of one round start together.
     """
     workers: int = params["workers"]
     engine = make_engine(params["dsn"], pool_size=workers)
@@ -214,8 +214,8 @@ async def contention(params: Params) -> Result:
     calls: list[tuple[float, float, bool]] = []
     errors: collections.Counter[str] = collections.Counter()
     emit("READY")
-    if "start_at" in params:
-        await asyncio.sleep(max(0.0, params["start_at"] - time.monotonic()))
+    command = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go START_AT"
+    await asyncio.sleep(max(0.0, float(command.split()[1]) - time.monotonic()))  # all processes of a round at once
     start = time.monotonic()
     deadline = start + params["duration"]
 

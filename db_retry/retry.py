@@ -181,7 +181,9 @@ class _Budget(stop_base):
 # Additive increase of the hot-spot limit per call that gets through, over the limit (AIMD).
 _INCREASE: typing.Final = 0.1
 # A call waiting for a turn longer than this goes before newer ones (seconds).
-_FAIR_AFTER: typing.Final = 0.1
+_FAIR_AFTER: typing.Final = 0.2
+# Each call that gets through a hot spot shrinks the pause ceiling by this factor (a conflict doubles it).
+_PAUSE_DECAY: typing.Final = 0.9
 
 
 _HELD: typing.Final[contextvars.ContextVar[frozenset[int]]] = contextvars.ContextVar(
@@ -276,7 +278,7 @@ class _HotSpot:
     def _succeeded(self) -> None:
         if not self.engaged:
             return
-        self.pause /= 2
+        self.pause *= _PAUSE_DECAY
         self.limit += _INCREASE / self.limit
         if self.limit > self.running + len(self.waiters) + 1:  # the limit no longer holds anyone back
             self.limit = math.inf
