@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from db_retry.engine import resolving_commits
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
 from db_retry.settings import RetrySettings, SettingsError, get_settings
 from db_retry.transaction import cannot_continue
@@ -575,6 +576,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]]: ...
@@ -589,6 +591,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> _Decorator: ...
@@ -602,6 +605,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]] | _Decorator:
@@ -610,7 +614,9 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     ``retries`` is the total number of attempts that run the work (default: ``DB_RETRY_RETRIES_NUMBER``,
     read at call time). ``timeout`` bounds the time spent retrying one call, from its first failure.
     ``wait`` / ``stop`` replace the built-in tenacity strategies. ``retry_ambiguous_commit`` retries a
-    :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``on_retry`` is called
+    :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``resolve_commit`` asks
+    the server whether a COMMIT whose answer was lost committed (one more round trip per write
+    transaction; :mod:`db_retry.engine`). ``on_retry`` is called
     with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
     """
     _check_options(retries, timeout)
@@ -622,6 +628,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
+        if resolve_commit:
+            f = resolving_commits(f)
         hot = 0  # event loops in which this function is a hot spot right now
 
         def count_hot(delta: int) -> None:

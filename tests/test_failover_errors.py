@@ -44,7 +44,7 @@ class _Seen:
 
 
 def _engine(node: PostgresNode, **url: typing.Any) -> AsyncEngine:
-    return create_async_engine(sa.make_url(node.dsn(driver="asyncpg")).set(**url), poolclass=sa.NullPool)
+    return create_async_engine(sa.make_url(node.dsn(driver="asyncpg")).set(**url), pool_size=2)
 
 
 async def _query_running(node: PostgresNode, text: str) -> None:
