@@ -67,6 +67,11 @@ _WANT_RESOLUTION: typing.Final = "db_retry_want_resolution"
 _IDENTITY: typing.Final = "db_retry_server_identity"
 _VERDICT: typing.Final = "db_retry_commit_verdict"
 READ_ONLY_SQLSTATE: typing.Final = "25006"
+FEATURE_NOT_SUPPORTED: typing.Final = "0A000"
+# 0A000 messages of a standby refusing what only a primary does ("cannot use serializable mode in a hot
+# standby", "cannot set transaction read-write mode during recovery").
+_STANDBY_REFUSALS: typing.Final = ("hot standby", "during recovery")
+_ROLE_PARAMETERS: typing.Final = ("in_hot_standby", "default_transaction_read_only")
 # Codes of a statement name the server does not know or already has, and of a bind to the wrong one.
 _PREPARED_STATEMENT_SQLSTATES: typing.Final = frozenset({"26000", "42P05", "08P01"})
 # The names asyncpg (also under SQLAlchemy's adapter) and psycopg 3 give the statements they prepare.
@@ -171,28 +176,38 @@ def _commit_was_lost(context: ExceptionContext) -> bool:
 def _on_error(context: ExceptionContext) -> BaseException | None:
     connection = context.connection
     error = context.original_exception
-    if connection is None or connection.invalidated or not isinstance(error, Exception):
-        # A failed connect (the factory reports those), a connection already known dead (its ``info``
-        # would try to reconnect), or the caller's own cancellation.
+    if not isinstance(error, Exception):
+        return None  # the caller's own cancellation
+    if connection is None:
+        # A failed connect. A standby refusing what the engine sets up (SERIALIZABLE, read-write) while
+        # connecting is a node that cannot serve writes now (asyncpg may report it only as the 25P01 of
+        # the poisoned connection that follows): the work never started.
+        refused = _is_node_role_error(sqlstate_on_chain(error), error) or leaves_connection_unusable(error)
+        if refused and context.sqlalchemy_exception is not None:
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
+    if connection.invalidated:  # pragma: no cover - SQLAlchemy does not report errors of a connection it gave up
+        return None  # ... and its ``info`` would try to reconnect
     # SQLAlchemy passes no statement for COMMIT (nor for BEGIN/ROLLBACK, whose events clear the mark).
     if connection.info.pop(_COMMITTING, False) and context.statement is None:
-        verdict: _Verdict | None = connection.info.pop(_VERDICT, None)
-        if not _commit_was_lost(context):
-            return None  # the server answered: the COMMIT definitely failed
-        error_class = (
-            CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
-        )
-        unknown = error_class(
-            "COMMIT",
-            None,
-            error,
-            hide_parameters=True,
-            connection_invalidated=context.is_disconnect,
-        )
-        if verdict is not None:
-            unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
-        return unknown
+        return _commit_failed(context, connection, error)
+    return _statement_failed(context, connection, error)
+
+
+def _commit_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
+    verdict: _Verdict | None = connection.info.pop(_VERDICT, None)
+    if not _commit_was_lost(context):
+        return None  # the server answered: the COMMIT definitely failed
+    error_class = (
+        CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
+    )
+    unknown = error_class("COMMIT", None, error, hide_parameters=True, connection_invalidated=context.is_disconnect)
+    if verdict is not None:
+        unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
+    return unknown
+
+
+def _statement_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
     code = sqlstate_on_chain(error)
     if code in _PREPARED_STATEMENT_SQLSTATES and _DRIVER_STATEMENT.search(str(error)):
         return PreparedStatementBehindPoolerError(
@@ -202,8 +217,20 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
             hide_parameters=True,
             connection_invalidated=context.is_disconnect,
         )
-    if code == READ_ONLY_SQLSTATE or (code is None and leaves_connection_unusable(error)):
+    if leaves_connection_unusable(error):
         context.is_disconnect = True  # invalidates this connection and refreshes the pool
+        if context.sqlalchemy_exception is not None:  # pragma: no branch - the adapters wrap these as DBAPI errors
+            # Nothing ran on it; another connection will do (a 25P01 alone is the caller's own mistake).
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.OUTAGE  # type: ignore[attr-defined]
+        return None
+    if _is_node_role_error(code, error):
+        read_only = _node_reports_read_only(connection)
+        if read_only is not False:  # the node is read-only, or the driver cannot tell: not the session's doing
+            context.is_disconnect = True  # invalidates this connection and refreshes the pool
+        if read_only and context.sqlalchemy_exception is not None:
+            # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
+            # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
     if context.is_disconnect or code is None:
         return None
@@ -211,6 +238,30 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
     if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
         connection.info[FAILED_IN] = weakref.ref(transaction)
     return None
+
+
+def _is_node_role_error(code: str | None, error: BaseException) -> bool:
+    if code == READ_ONLY_SQLSTATE:
+        return True
+    return code == FEATURE_NOT_SUPPORTED and any(text in str(error) for text in _STANDBY_REFUSALS)
+
+
+def _node_reports_read_only(connection: sa.Connection) -> bool | None:
+    """Whether the server said (ParameterStatus, PostgreSQL 14+) it is a standby or read-only; None: unknown.
+
+    Read from what the drivers keep of the server's reports: no round trip.
+    """
+    driver: typing.Any = connection.connection.driver_connection
+    if hasattr(driver, "get_settings"):  # asyncpg
+        settings = driver.get_settings()
+        values = [getattr(settings, name, None) for name in _ROLE_PARAMETERS]
+    elif hasattr(getattr(driver, "info", None), "parameter_status"):  # psycopg 3
+        values = [driver.info.parameter_status(name) for name in _ROLE_PARAMETERS]
+    else:  # pragma: no cover - another driver
+        return None
+    if all(value is None for value in values):
+        return None  # pragma: no cover - a server before PostgreSQL 14 (the suite runs 15)
+    return "on" in values
 
 
 # -- resolving a lost COMMIT ----------------------------------------------------------------------------

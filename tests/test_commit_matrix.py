@@ -200,31 +200,3 @@ async def test_a_lost_commit_is_resolved_by_asking_the_server(
         assert outcome.attempts == 1  # committed: the call returned, the work never ran again
     else:
         assert outcome.attempts == 2, outcome  # nothing committed: safe to run again, and it did
-
-
-@pytest.mark.parametrize("driver", DRIVERS)
-async def test_behind_one_host_a_read_only_node_is_reconnected_to_on_every_attempt(nodes: Nodes, driver: str) -> None:
-    # One host (a DNS name that still points at the demoted node): each retry gets a new connection,
-    # not one of the pooled connections to the same node, and gives up within the attempt budget.
-    first = nodes.first
-    engine = create_async_engine(first.dsn(driver=driver), pool_size=POOL_SIZE)
-    backends: list[int] = []
-
-    @postgres_retry(retries=3)
-    async def pay() -> None:
-        async with engine.begin() as connection:
-            backends.append((await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
-            await connection.execute(INSERT, {"key": uuid.uuid4(), "attempt": len(backends)})
-
-    try:
-        pooled = await _warm(engine)
-        async with faults.read_only(first):
-            with pytest.raises(sa.exc.DBAPIError) as caught:
-                await pay()
-    finally:
-        await engine.dispose()
-    assert "read-only transaction" in str(caught.value)
-    assert len(backends) == 3
-    assert backends[0] in pooled  # the first attempt got a warm pooled connection ...
-    assert not set(backends[1:]) & pooled  # ... and after a 25006 the pool was refreshed: new backends only
-    assert len(set(backends)) == 3

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db_retry import DSNError, NoHostAvailableError, build_connection_factory, build_db_dsn
-from db_retry.connections import TARGET_SESSION_ATTRS, _Connector
+from db_retry.connections import TARGET_SESSION_ATTRS, ConnectTimeoutError, _Connector
 from db_retry.dsn import HostPort
 from db_retry.retriable import ErrorKind, classify
 from db_retry.testing import PostgresCluster
@@ -154,8 +154,12 @@ async def test_a_lasting_failure_is_not_worth_waiting_for(pg_cluster: PostgresCl
 async def test_single_host_errors_propagate(refused_host: str, hanging_host: str) -> None:
     with pytest.raises(ConnectionRefusedError):
         await build_connection_factory(f"postgresql://u:p@{refused_host}/db", timeout=1)()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as caught:  # what asyncpg raises, still ...
         await build_connection_factory(f"postgresql://u:p@{hanging_host}/db?timeout=0.2", timeout=60)()
+    # ... but a connect timeout, unlike a query's, is worth waiting for (a proxy with no server behind it).
+    assert isinstance(caught.value, ConnectTimeoutError)
+    assert str(caught.value) == f"{hanging_host}: timed out after 0.2s"
+    assert classify(caught.value) is ErrorKind.UNAVAILABLE
 
 
 async def test_single_host_connects_with_the_dsn_arguments(pg_cluster: PostgresCluster) -> None:
