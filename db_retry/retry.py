@@ -611,8 +611,11 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]] | _Decorator:
     """Retry an ``async def`` when PostgreSQL reports a transient failure.
 
-    ``retries`` is the total number of attempts that run the work (default: ``DB_RETRY_RETRIES_NUMBER``,
-    read at call time). ``timeout`` bounds the time spent retrying one call, from its first failure.
+    ``retries`` is the total number of attempts that run the work, conflicts included (default:
+    ``DB_RETRY_RETRIES_NUMBER``, read at call time; when neither is set, conflicts are retried for
+    ``DB_RETRY_CONFLICT_TIMEOUT`` seconds instead). ``timeout`` bounds the time spent retrying one
+    call, from its first failure. A call is not retried inside a transaction its caller began that
+    can no longer continue (a session or connection argument): the error propagates with a note.
     ``wait`` / ``stop`` replace the built-in tenacity strategies. ``retry_ambiguous_commit`` retries a
     :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``resolve_commit`` asks
     the server whether a COMMIT whose answer was lost committed (one more round trip per write
