@@ -214,7 +214,10 @@ async def test_a_restart_after_the_commit_applied_leaves_the_outcome_unknown(nod
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_commit_lost_in_a_crash_is_known_not_applied_and_retried(node: PostgresNode, driver: str) -> None:
     # synchronous_commit = off: COMMIT answers before its WAL is flushed, and the crash that cuts the
-    # answer loses the transaction. The server, asked after recovery, has never heard of it.
+    # answer loses the transaction. The server, asked after recovery, has never heard of it. (The WAL
+    # writer would flush it within wal_writer_delay: made long, so the crash always comes first.)
+    await node.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+    await node.execute("SELECT pg_reload_conf()")
     async with TcpProxy(node.host, node.port) as proxy:
         engine = _engine(node, driver, through=proxy)
         tasks: list[asyncio.Task[None]] = []
