@@ -19,7 +19,7 @@ import struct
 import types
 import typing
 
-from db_retry.testing.cluster import DATABASE, HOST, PostgresCluster, PostgresNode
+from db_retry.testing.cluster import DATABASE, HOST, PostgresCluster, PostgresNode, free_port
 
 
 __all__ = [
@@ -316,15 +316,20 @@ class TcpProxy:
         if self._listener is not None:
             msg = f"{self!r} is already started"
             raise RuntimeError(msg)
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, self.port))
-            listener.listen(128)
-            listener.setblocking(False)  # noqa: FBT003 - the socket API
-        except OSError:
-            listener.close()
-            raise
+        attempts = 1 if self.port else 5  # a free port can be taken by another process before we bind it
+        for attempt in range(1, attempts + 1):
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.host, self.port or free_port()))
+                listener.listen(128)
+                listener.setblocking(False)  # noqa: FBT003 - the socket API
+            except OSError:
+                listener.close()
+                if attempt == attempts:
+                    raise
+            else:
+                break
         self._listener = listener
         self.port = listener.getsockname()[1]
         self._accepting = asyncio.get_running_loop().create_task(self._accept(listener), name=f"{self.name}-accept")
@@ -379,9 +384,17 @@ class TcpProxy:
         """Reset (TCP RST) every open connection, and reset new ones as they arrive, until :meth:`pass_through`."""
         self._mode = ProxyMode.CUT
         self._set_flowing(flowing=True)
-        for link, task in list(self._links.items()):
-            self._reset_link(link)
-            task.cancel()
+        self._reset_all()
+
+    def retarget(self, host: str, port: int, *, cut: bool = False) -> None:
+        """Send new connections to ``host:port`` (a DNS name or VIP that moved); open ones stay, unless ``cut``.
+
+        Kept sessions still talk to the old server; with ``cut=True`` they are reset (TCP RST), as by HAProxy's
+        ``on-marked-down shutdown-sessions``.
+        """
+        self.target_host, self.target_port = host, port
+        if cut:
+            self._reset_all()
 
     def delay(self, seconds: float) -> None:
         """Forward everything, each chunk ``seconds`` late (in both directions)."""
@@ -413,6 +426,11 @@ class TcpProxy:
             self._flowing.set()
         else:
             self._flowing.clear()
+
+    def _reset_all(self) -> None:
+        for link, task in list(self._links.items()):
+            self._reset_link(link)
+            task.cancel()
 
     def _reset_link(self, link: _Link) -> None:
         self.connections_reset += 1
