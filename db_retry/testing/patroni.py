@@ -331,12 +331,14 @@ class PatroniCluster:
         return all(states.get(member.name) == "streaming" for member in replicas)
 
     # -- discovery -------------------------------------------------------------
-    def member_states(self) -> dict[str, str]:
-        """Each member's state as Patroni's ``GET /cluster`` reports it (``running``, ``streaming``, ...)."""
+    def member_states(self, field: str = "state") -> dict[str, str]:
+        """Each member's ``state`` (``running``, ``streaming``, ...) or ``role`` (``leader``, ``sync_standby``,
+        ``replica``) as Patroni's ``GET /cluster`` reports it; ``{}`` when no member answers.
+        """
         for member in self.members:
             status, text = member.rest("GET", "/cluster")
             if status == 200:  # noqa: PLR2004 - HTTP OK
-                return {entry["name"]: entry.get("state", "") for entry in json.loads(text)["members"]}
+                return {entry["name"]: entry.get(field, "") for entry in json.loads(text)["members"]}
         return {}
 
     def leader(self) -> PatroniMember:
@@ -420,6 +422,12 @@ class PatroniCluster:
         """Wait until every member whose Patroni runs is the leader or a streaming replica."""
         deadline = time.monotonic() + timeout
         await asyncio.to_thread(self._wait, self._all_streaming, "every replica streaming", deadline)
+
+    async def wait_synchronous(self, *, timeout: float = 60.0) -> None:
+        """Wait until a replica is the synchronous standby (``synchronous_mode=True``): commits wait for it."""
+        deadline = time.monotonic() + timeout
+        condition = lambda: "sync_standby" in self.member_states("role").values()  # noqa: E731
+        await asyncio.to_thread(self._wait, condition, "synchronous standby", deadline)
 
     async def _transition(self, fault: str, old: PatroniMember, started: float, timeout: float) -> Transition:
         deadline = started + timeout
