@@ -1,6 +1,8 @@
-"""Proofs on a Patroni cluster (issue 11 item 4a, 4b): the chaos workload through a multi-host DSN over
-the members, and through HAProxy checking Patroni's REST API, across a switchover and a postmaster-kill
-failover; and with ``synchronous_mode: true``, no acknowledged commit lost to a failover.
+"""Proofs on a Patroni cluster (issue 11 item 4a, 4b).
+
+The chaos workload through a multi-host DSN over the members, and through HAProxy checking Patroni's
+REST API, across a switchover and a postmaster-kill failover; and with ``synchronous_mode: true``, no
+acknowledged commit lost to a failover.
 """
 
 import asyncio
@@ -10,12 +12,12 @@ import contextlib
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from topology_workload import TopologyRun, assert_holds
 
 from db_retry import build_connection_factory
 from db_retry.testing.haproxy import HAProxy
 from db_retry.testing.patroni import PatroniCluster
 from db_retry.testing.topology_fixtures import HAProxyFactory, PatroniFactory
-from topology_workload import TopologyRun, assert_holds
 
 
 pytestmark = pytest.mark.standby
@@ -25,7 +27,7 @@ WORKERS = 2  # per kind: 4 kinds (asyncpg / psycopg x Transaction / session.begi
 
 @contextlib.asynccontextmanager
 async def engines(asyncpg_url: str, psycopg_url: str) -> collections.abc.AsyncIterator[dict[str, AsyncEngine]]:
-    """A warm QueuePool engine per driver, as a service would build it (the asyncpg one through the connection factory)."""
+    """A warm QueuePool engine per driver, as a service builds it (asyncpg through the connection factory)."""
     url = sa.make_url(asyncpg_url)
     made = {
         "asyncpg": create_async_engine(

@@ -39,7 +39,9 @@ class TimedTransfers(TransferWorkload):
             try:
                 await retried(transfer_id, src, dst, amount)
             except Exception as exc:
-                self.errors.setdefault(sqlstate_on_chain(exc) or type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300])
+                self.errors.setdefault(
+                    sqlstate_on_chain(exc) or type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300]
+                )
                 raise
             self.acked_at[transfer_id] = clock()
 
@@ -114,7 +116,9 @@ def _ms(seconds: float | None) -> str:
 class TopologyRun:
     """Workers of every kind on ``engines`` (driver -> engine over the same database), faults in between."""
 
-    def __init__(self, topology: str, engines: dict[str, AsyncEngine], *, workers: int = 2, accounts: int = 500) -> None:
+    def __init__(
+        self, topology: str, engines: dict[str, AsyncEngine], *, workers: int = 2, accounts: int = 500
+    ) -> None:
         self.topology = topology
         self.engines = engines
         self.workers = workers
@@ -198,7 +202,11 @@ class TopologyRun:
             doubled=sum(report.failed_but_applied for report in invariants),
             retries=retries,
             by_kind={label: len(workload.outcomes.ok) for label, workload in self.workloads.items()},
-            errors={f"{label} {cause}": message for label, w in self.workloads.items() for cause, message in w.errors.items()},
+            errors={
+                f"{label} {cause}": message
+                for label, w in self.workloads.items()
+                for cause, message in w.errors.items()
+            },
         )
 
 

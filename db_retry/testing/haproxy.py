@@ -176,7 +176,10 @@ class HAProxy:
         """Wait until every server has a settled check result (UP after a pass, or DOWN) and one primary is UP."""
         deadline = time.monotonic() + timeout
         while True:
-            states = self.server_states()
+            try:
+                states = self.server_states()
+            except OSError:  # the stats socket is not there yet
+                states = {("starting", "-"): ("INI", "INI")}
             settled = all(
                 (status == "UP" and check.startswith("L7OK")) or status == "DOWN" for status, check in states.values()
             )

@@ -332,8 +332,9 @@ class PatroniCluster:
 
     # -- discovery -------------------------------------------------------------
     def member_states(self, field: str = "state") -> dict[str, str]:
-        """Each member's ``state`` (``running``, ``streaming``, ...) or ``role`` (``leader``, ``sync_standby``,
-        ``replica``) as Patroni's ``GET /cluster`` reports it; ``{}`` when no member answers.
+        """Each member's ``state`` (``streaming``, ...) or ``role`` (``sync_standby``, ...) from ``GET /cluster``.
+
+        ``{}`` when no member answers.
         """
         for member in self.members:
             status, text = member.rest("GET", "/cluster")
