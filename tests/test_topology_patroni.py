@@ -22,6 +22,18 @@ from db_retry.testing.topology_fixtures import HAProxyFactory, PatroniFactory
 
 pytestmark = pytest.mark.standby
 
+# Library reasons these proofs fail today (issue 11 item 2, the lead's): remove the marks when it lands.
+PSYCOPG_CONNECT = pytest.mark.xfail(
+    strict=True,
+    reason="psycopg connect failures during a failover carry no SQLSTATE (OperationalError 'session is read-only', "
+    "'server closed the connection unexpectedly', 'connection timeout expired'): not classified as an outage yet",
+)
+HAPROXY_TIMEOUT = pytest.mark.xfail(
+    strict=True,
+    reason="through HAProxy with no server up, asyncpg's connect ends in a bare TimeoutError and psycopg's in "
+    "OperationalError without SQLSTATE: neither is classified as an outage yet",
+)
+
 WORKERS = 2  # per kind: 4 kinds (asyncpg / psycopg x Transaction / session.begin())
 
 
@@ -57,6 +69,7 @@ async def _switchover_then_failover(run: TopologyRun, cluster: PatroniCluster, h
     await run.wait_commits(50)
 
 
+@PSYCOPG_CONNECT
 async def test_patroni_multihost_dsn_rides_through_switchover_and_failover(patroni_cluster: PatroniFactory) -> None:
     cluster = patroni_cluster(2)
     async with engines(cluster.multihost_dsn(), cluster.multihost_dsn(driver="psycopg")) as made:
@@ -68,6 +81,7 @@ async def test_patroni_multihost_dsn_rides_through_switchover_and_failover(patro
     assert_holds(report, replication_loss_allowed=True)
 
 
+@PSYCOPG_CONNECT
 async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover(
     patroni_cluster: PatroniFactory,
 ) -> None:
@@ -84,6 +98,7 @@ async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover
     assert_holds(report)  # lost_to_replication == 0 too
 
 
+@HAPROXY_TIMEOUT
 async def test_patroni_through_haproxy_rides_through_switchover_and_failover(
     patroni_cluster: PatroniFactory, haproxy: HAProxyFactory
 ) -> None:

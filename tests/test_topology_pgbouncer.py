@@ -27,6 +27,11 @@ WORKERS = 2
 POOL = 2 * WORKERS
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="library (issue 11 item 2, the lead's): PgBouncer's 08P01 'server login has been failing' and asyncpg's "
+    "08003 'server conn crashed?' during a server restart count as retries (3) rather than outage time",
+)
 async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
     fresh_cluster: ClusterFactory, pgbouncer: PgBouncerFactory
 ) -> None:
@@ -60,6 +65,11 @@ async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
     assert bouncer.log_tail()  # PgBouncer itself ran the whole time
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="library (the lead's safety fix): 25006 from a kept session on the read-only old primary does not replace "
+    "the connection, so the retries land on other kept sessions and the call fails after 3 attempts",
+)
 async def test_moving_endpoint_with_sessions_kept(moving_endpoint: MovingEndpoint) -> None:
     old_primary = moving_endpoint.cluster.primary
     made = {
