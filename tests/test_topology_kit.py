@@ -192,7 +192,9 @@ async def test_pgbouncer_pool_modes_and_retarget(fresh_cluster: ClusterFactory, 
         PgBouncer("127.0.0.1", 1, pool_mode="x")  # type: ignore[arg-type]
 
 
-def test_failed_starts_of_pgbouncer_and_haproxy_stop_what_they_started(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_starts_of_pgbouncer_and_haproxy_stop_what_they_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
     monkeypatch.setenv("DB_RETRY_PGBOUNCER", "/bin/false")
     with pytest.raises(ClusterError, match="does not listen"):
         PgBouncer("127.0.0.1", 1).start()
@@ -207,6 +209,11 @@ def test_failed_starts_of_pgbouncer_and_haproxy_stop_what_they_started(monkeypat
     with pytest.raises(ClusterError, match="does not listen"):
         balancer.start()
     assert balancer.process is None
+    balancer.stop()  # stopping again is harmless
+    balancer.directory = tmp_path  # started, but HAProxy has not made its stats socket (yet)
+    with pytest.raises(ClusterError, match="checks not settled"):
+        balancer.wait_checked(timeout=0)
+    balancer.directory = None
     with pytest.raises(ValueError, match="check_interval must be > 0 seconds, got 0"):
         HAProxy(fake, check_interval=0)
     assert "on-marked-down" not in _config_of(HAProxy(fake, shutdown_sessions=False))
@@ -259,6 +266,13 @@ def test_free_port_stays_below_the_ephemeral_range(monkeypatch: pytest.MonkeyPat
     ports = {free_port() for _ in range(50)}
     assert len(ports) == 50
     assert all(20000 <= port < 32000 for port in ports)
+    handed_out = next(iter(ports))
+    wanted = free_port()
+    kit._handed_out.discard(wanted)
+    picks = iter([handed_out, wanted])
+    with monkeypatch.context() as patch:
+        patch.setattr(kit.random, "choice", lambda _: next(picks))
+        assert free_port() == wanted  # a port handed out before is passed over
     monkeypatch.setattr(kit, "_handed_out", set(range(20000, 30000)))
     assert free_port() in kit.PORT_RANGE  # a long run forgets old ports
     assert len(kit._handed_out) == 1
@@ -282,6 +296,7 @@ def test_kit_process_lifecycle() -> None:
     assert pid_of(stubborn) is None
     assert stubborn.log_tail() == "(no log yet)"
     stubborn.stop()  # never started: nothing to do
+    stubborn.kill()
     stubborn.start()
     assert stubborn.pid is not None
     with pytest.raises(ClusterError, match="already running"):

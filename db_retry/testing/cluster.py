@@ -104,11 +104,16 @@ class _Account:
     def is_current(self) -> bool:
         return self.uid == os.geteuid()
 
+    @property
+    def switch(self) -> dict[str, typing.Any]:
+        """The ``subprocess`` arguments that run a program as this account (none when it is the current one)."""
+        if self.is_current:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
     def run(self, args: typing.Sequence[str | os.PathLike[str]], *, cwd: pathlib.Path) -> str:
         """Run a PostgreSQL program as this account and return its output; raise with that output on failure."""
-        kwargs: dict[str, typing.Any] = {}
-        if not self.is_current:
-            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
+        kwargs = self.switch
         env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PGHOST": HOST}
         env.pop("PGDATA", None)
         completed = subprocess.run(  # noqa: S603 - the programs come from the located PostgreSQL bindir
@@ -513,9 +518,6 @@ class KitProcess:
             msg = f"{self!r} is already running"
             raise ClusterError(msg)
         _, reaper = _kit_root(self.account)
-        kwargs: dict[str, typing.Any] = {}
-        if not self.account.is_current:
-            kwargs = {"user": self.account.uid, "group": self.account.gid, "extra_groups": []}
         env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
         with self.log_path.open("ab") as log:
             self.account.own(self.log_path)
@@ -527,7 +529,7 @@ class KitProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **kwargs,
+                **self.account.switch,
             )
         reaper.watch_process(self._process.pid)
 

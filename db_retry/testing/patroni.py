@@ -458,12 +458,9 @@ async def _accepts_writes(node: PostgresNode) -> bool:
     """Whether ``node`` answers now as a primary (one short connection; any failure is a no)."""
     try:
         connection = await asyncpg.connect(node.dsn(), timeout=0.5)
+        try:
+            return not await connection.fetchval("SELECT pg_is_in_recovery()")
+        finally:
+            connection.terminate()
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         return False
-    try:
-        return not await connection.fetchval("SELECT pg_is_in_recovery()")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await connection.close(timeout=1)

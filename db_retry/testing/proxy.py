@@ -319,7 +319,8 @@ class TcpProxy:
             msg = f"{self!r} is already started"
             raise RuntimeError(msg)
         attempts = 1 if self.port else 5  # a free port can be taken by another process before we bind it
-        for attempt in range(1, attempts + 1):
+        attempt = 1
+        while True:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -328,8 +329,9 @@ class TcpProxy:
                 listener.setblocking(False)  # noqa: FBT003 - the socket API
             except OSError:
                 listener.close()
-                if attempt == attempts:
+                if attempt >= attempts:
                     raise
+                attempt += 1
             else:
                 break
         self._listener = listener
