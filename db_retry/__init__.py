@@ -4,12 +4,13 @@ import logging
 
 from db_retry.connections import NoHostAvailableError, build_connection_factory
 from db_retry.dsn import DSNError, build_db_dsn, is_dsn_multihost
+from db_retry.engine import CommitOutcomeUnknownError
 from db_retry.health import HealthReport, HostStatus, check_hosts
 from db_retry.retriable import ErrorKind, is_retriable
 from db_retry.retry import RetryEvent, postgres_retry, wait_for_error
 from db_retry.routing import ReplicaStatus, RoutingSession, RoutingSessionMaker
 from db_retry.settings import SettingsError
-from db_retry.transaction import CommitOutcomeUnknownError, Transaction
+from db_retry.transaction import Transaction
 
 
 # A library's loggers stay silent until the application configures logging.

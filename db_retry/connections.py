@@ -8,11 +8,11 @@ details.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
 import random
+import socket
 import typing
 
 import asyncpg
@@ -34,6 +34,16 @@ TARGET_SESSION_ATTRS: typing.Final = ("any", "primary", "standby", "prefer-stand
 DEFAULT_STAGGER: typing.Final = 0.05
 _TIMEOUT_KEYS: typing.Final = ("timeout", "connect_timeout")
 _HOST_KEYS: typing.Final = ("host", "port")
+# Options of SQLAlchemy's asyncpg adapter, not of asyncpg.connect: create_async_engine takes them from the
+# same URL, so the factory leaves them to it.
+_ADAPTER_KEYS: typing.Final = ("prepared_statement_cache_size", "prepared_statement_name_func")
+# asyncpg.connect options that must be numbers; a URL query gives them as text.
+_INT_KEYS: typing.Final = ("statement_cache_size", "max_cached_statement_lifetime", "max_cacheable_statement_size")
+_FLOAT_KEYS: typing.Final = ("command_timeout",)
+# getaddrinfo() errors that will not go away by waiting: the name does not exist (a typo, a deleted record).
+_LASTING_RESOLVE_ERRORS: typing.Final = frozenset(
+    code for name in ("EAI_NONAME", "EAI_NODATA", "EAI_SERVICE") if (code := getattr(socket, name, None)) is not None
+)
 
 
 class NoHostAvailableError(asyncpg.TargetServerAttributeNotMatched):  # type: ignore[misc] # asyncpg is untyped
@@ -106,6 +116,8 @@ async def session_role(connection: ConnectionType) -> _Role:
 def _describe_error(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout:g}s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {str(exc.strerror).lower()}"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return f"{type(exc).__name__}: {exc}"
@@ -133,7 +145,7 @@ class ConnectionPlan:
         for key in _TIMEOUT_KEYS:
             if key in query:
                 timeout = _positive(query.pop(key), f"{key} in the DSN")
-        for key in _HOST_KEYS:
+        for key in (*_HOST_KEYS, *_ADAPTER_KEYS):
             query.pop(key, None)
         # SQLAlchemy's asyncpg dialect turns the rest (user, password, database, ssl, ...) into connect args.
         bare = sa.URL.create(
@@ -143,7 +155,10 @@ class ConnectionPlan:
             database=parsed.database,
             query=query,
         )
-        connect_args = PGDialect_asyncpg().create_connect_args(bare)[1]  # type: ignore[no-untyped-call]
+        connect_args = dict(PGDialect_asyncpg().create_connect_args(bare)[1])  # type: ignore[no-untyped-call]
+        for key in (*_INT_KEYS, *_FLOAT_KEYS):
+            if isinstance(connect_args.get(key), str):
+                connect_args[key] = _number(connect_args[key], key, integer=key in _INT_KEYS)
         return cls(
             connect_args=connect_args,
             hosts=hosts,
@@ -151,6 +166,21 @@ class ConnectionPlan:
             timeout=_positive(timeout, "timeout"),
             stagger=_positive(stagger, "stagger", allow_zero=True),
         )
+
+
+def _number(text: str, key: str, *, integer: bool) -> float:
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        msg = f"{key} in the DSN must be {kind}, got {text!r}"
+        raise DSNError(msg) from None
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, socket.gaierror):
+        return error.errno not in _LASTING_RESOLVE_ERRORS
+    return isinstance(error, (OSError, TimeoutError)) or classify(error) is not None
 
 
 def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
@@ -180,15 +210,14 @@ class _Connector:
         return hosts
 
     async def __call__(self) -> ConnectionType:
-        if len(self.plan.hosts) <= 1:
-            return await self._connect_single()
+        if not self.plan.hosts:
+            return await self._connect_default()
         return await self._connect_any()
 
-    async def _connect_single(self) -> ConnectionType:
-        address = {"host": self.plan.hosts[0].host, "port": self.plan.hosts[0].port} if self.plan.hosts else {}
+    async def _connect_default(self) -> ConnectionType:
+        """No host in the DSN: asyncpg's own defaults (PGHOST, the Unix socket)."""
         connection: ConnectionType = await asyncpg.connect(
             **self.plan.connect_args,
-            **address,
             timeout=self.plan.timeout,
             target_session_attrs=self.plan.target_session_attrs,
         )
@@ -205,16 +234,38 @@ class _Connector:
         return connection, await session_role(connection)
 
     async def _connect_any(self) -> ConnectionType:
+        running: dict[asyncio.Task[tuple[ConnectionType, _Role]], HostPort] = {}
+        failures: list[HostFailure] = []
+        chosen: tuple[ConnectionType, HostPort] | None = None
+        try:
+            chosen = await self._race(running, failures)
+        finally:
+            try:
+                await self._abandon(running)
+            except BaseException:
+                if chosen is not None:  # the caller was cancelled while the losers were being abandoned
+                    chosen[0].terminate()
+                raise
+        if chosen is None:
+            if len(self.plan.hosts) == 1 and failures[0].error is not None:
+                raise failures[0].error  # one host that could not be reached: the driver's own error, as before
+            raise NoHostAvailableError(self.plan.target_session_attrs, failures)
+        connection, self.last_good = chosen
+        return connection
+
+    async def _race(
+        self,
+        running: dict[asyncio.Task[tuple[ConnectionType, _Role]], HostPort],
+        failures: list[HostFailure],
+    ) -> tuple[ConnectionType, HostPort] | None:
+        """Start the hosts' attempts ``stagger`` apart; the first fitting connection wins (``None``: none fits)."""
         requirement = self.plan.target_session_attrs
         loop = asyncio.get_running_loop()
         queue = self.order()
-        running: dict[asyncio.Task[tuple[ConnectionType, _Role]], HostPort] = {}
-        failures: list[HostFailure] = []
         fallback: tuple[ConnectionType, HostPort] | None = None  # prefer-standby: a non-standby we may use
-        chosen: tuple[ConnectionType, HostPort] | None = None
         next_start = loop.time()
         try:
-            while chosen is None and (queue or running):
+            while queue or running:
                 if queue and (not running or loop.time() >= next_start):
                     address = queue.pop(0)
                     running[asyncio.ensure_future(self._attempt(address))] = address
@@ -233,41 +284,45 @@ class _Connector:
                             HostFailure(
                                 address,
                                 _describe_error(error, self.plan.timeout),
-                                transient=isinstance(error, (OSError, TimeoutError)) or classify(error) is not None,
+                                transient=_is_transient(error),
                                 error=error,
                             ),
                         )
                         next_start = loop.time()  # a failed host frees its slot: start the next one now
                         continue
                     connection, role = task.result()
-                    if chosen is None and role.satisfies(requirement):
-                        chosen = connection, address
-                    elif chosen is None and requirement == "prefer-standby" and fallback is None:
+                    if role.satisfies(requirement):
+                        return connection, address  # the caller closes the ones still in ``done`` via _abandon
+                    if requirement == "prefer-standby" and fallback is None:
                         fallback = connection, address
                     else:
                         failures.append(HostFailure(address, role.describe(), transient=True))
                         connection.terminate()
-            if chosen is None and fallback is not None:
-                chosen, fallback = fallback, None
+            chosen, fallback = fallback, None
+            return chosen
         finally:
-            await self._abandon(running)
             if fallback is not None:
                 fallback[0].terminate()
-        if chosen is None:
-            raise NoHostAvailableError(requirement, failures)
-        connection, self.last_good = chosen
-        return connection
 
     @staticmethod
     async def _abandon(running: typing.Mapping[asyncio.Task[tuple[ConnectionType, _Role]], HostPort]) -> None:
-        """Cancel the attempts still running and close any connection one of them made meanwhile."""
+        """Cancel the attempts still running and close any connection one of them made meanwhile.
+
+        The caller's own cancellation is never swallowed: waiting for the losers is cancellable, and a
+        done-callback closes a connection that a loser made even if nobody waits for it any more.
+        """
+        if not running:
+            return
         for task in running:
+            task.add_done_callback(_close_unused)
             task.cancel()
-        for task in running:
-            with contextlib.suppress(BaseException):
-                connection, _ = await task
-                # Only if the attempt finished connecting in the very step it was cancelled.
-                connection.terminate()  # pragma: no cover
+        await asyncio.wait(running)
+
+
+def _close_unused(task: "asyncio.Task[tuple[ConnectionType, _Role]]") -> None:
+    if not task.cancelled() and task.exception() is None:
+        # Only if the attempt finished connecting in the very step it was cancelled.
+        task.result()[0].terminate()  # pragma: no cover
 
 
 def build_connection_factory(

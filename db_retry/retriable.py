@@ -9,6 +9,7 @@ errors raised while connecting, so it does not depend on one SQLAlchemy version'
 import enum
 import typing
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError
 
 
@@ -36,10 +37,41 @@ UNAVAILABLE_SQLSTATES: typing.Final = frozenset(
     },
 )
 AMBIGUOUS_SQLSTATES: typing.Final = frozenset({"08007"})  # transaction_resolution_unknown
-CONNECTION_EXCEPTION_CLASS: typing.Final = "08"
+# Class 08 codes that report a lost or failed connection. Not 08P01 (protocol_violation: a client bug
+# sends the same bytes again) nor codes this list does not know; 08007 is ambiguous (above).
+LOST_CONNECTION_SQLSTATES: typing.Final = frozenset({"08000", "08001", "08003", "08004", "08006"})
+PROTOCOL_VIOLATION: typing.Final = "08P01"
+# PgBouncer reports its own conditions as 08P01 with these messages (it has no codes of its own). The
+# first group means no server connection could be had, so the work never started.
+POOLER_UNAVAILABLE_MESSAGES: typing.Final = (
+    "server login has been failing",
+    "pgbouncer cannot connect to server",
+    "query_wait_timeout",
+    "no more connections allowed",
+    "server_connect_timeout",
+)
+POOLER_LOST_MESSAGES: typing.Final = ("server conn crashed", "server shutting down", "pooler is shutting down")
+# Messages of driver errors without a SQLSTATE: psycopg's connect failures (also when the server said
+# "starting up"), and the ways asyncpg and psycopg report a connection lost under them.
+_CONNECT_FAILED_MESSAGES: typing.Final = ("connection failed", "connection timeout expired", "connection is bad")
+_LOST_MESSAGES: typing.Final = (
+    "connection is closed",
+    "connection is lost",
+    "server closed the connection",
+    "consuming input failed",
+    "could not receive data",
+    "could not send data",
+    "ssl syscall error",
+    "ssl connection has been closed",
+    "eof detected",
+    "no connection to the server",
+    "terminating connection",
+)
 
 _MAX_CHAIN: typing.Final = 64
 RETRIED_KINDS: typing.Final = frozenset({ErrorKind.CONFLICT, ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE})
+# A COMMIT that failed with one of these kinds may have been applied: the answer never arrived.
+LOST_AT_COMMIT: typing.Final = frozenset({ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE, ErrorKind.AMBIGUOUS})
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -48,28 +80,76 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return code if isinstance(code, str) and len(code) == 5 else None  # noqa: PLR2004 - SQLSTATEs are 5 chars
 
 
+def _is_psycopg_operational_error(exc: BaseException) -> bool:
+    # By name: psycopg is optional, and its errors arrive raw as well as wrapped by SQLAlchemy.
+    return any(f"{cls.__module__}.{cls.__qualname__}" == "psycopg.OperationalError" for cls in type(exc).__mro__)
+
+
+def _message(exc: BaseException) -> str:
+    """What the error says, lowercase; empty if it cannot say (some wrappers' ``__str__`` raise)."""
+    try:
+        return str(exc).lower()
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break the classification
+        return ""
+
+
+def _kind_of_code(code: str, exc: BaseException) -> ErrorKind | None:
+    if code in AMBIGUOUS_SQLSTATES:
+        return ErrorKind.AMBIGUOUS
+    if code in CONFLICT_SQLSTATES:
+        return ErrorKind.CONFLICT
+    if code in UNAVAILABLE_SQLSTATES:
+        return ErrorKind.UNAVAILABLE
+    if code in OUTAGE_SQLSTATES or code in LOST_CONNECTION_SQLSTATES:
+        return ErrorKind.OUTAGE
+    if code == PROTOCOL_VIOLATION:
+        message = _message(exc)
+        if any(text in message for text in POOLER_UNAVAILABLE_MESSAGES):
+            return ErrorKind.UNAVAILABLE
+        if any(text in message for text in POOLER_LOST_MESSAGES):
+            return ErrorKind.OUTAGE
+    return None
+
+
+def _kind_without_code(exc: BaseException) -> ErrorKind | None:
+    """Driver errors that carry no SQLSTATE, classified by their type and what they say."""
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        return ErrorKind.UNAVAILABLE  # asyncpg's own multi-host connect found no host of the wanted role (yet)
+    if isinstance(exc, asyncpg.InternalClientError):
+        return ErrorKind.OUTAGE  # the protocol state machine broke ("cannot switch to state"): connection unusable
+    if isinstance(exc, asyncpg.InterfaceError):
+        return ErrorKind.OUTAGE if "connection is closed" in _message(exc) else None
+    if _is_psycopg_operational_error(exc):
+        message = _message(exc)
+        if message.startswith(_CONNECT_FAILED_MESSAGES) or type(exc).__name__ == "ConnectionTimeout":
+            return ErrorKind.UNAVAILABLE  # raised by connect: the work never started
+        if any(text in message for text in _LOST_MESSAGES):
+            return ErrorKind.OUTAGE
+    return None
+
+
+def leaves_connection_unusable(exc: BaseException) -> bool:
+    """Whether a driver error without a SQLSTATE left its connection in a state no later call can use."""
+    return any(
+        isinstance(link, asyncpg.InternalClientError) and not isinstance(link, asyncpg.TargetServerAttributeNotMatched)
+        for link in _chain(exc)
+    )
+
+
 def _kind_of_link(exc: BaseException) -> ErrorKind | None:
-    own: ErrorKind | None = getattr(exc, "db_retry_kind", None)  # set by this package's own errors
-    if own is not None:
+    if hasattr(exc, "db_retry_kind"):  # this package's own errors decide for themselves
+        own: ErrorKind | None = exc.db_retry_kind
         return own
     code = sqlstate_of(exc)
     if code is not None:
-        if code in AMBIGUOUS_SQLSTATES:
-            return ErrorKind.AMBIGUOUS
-        if code in CONFLICT_SQLSTATES:
-            return ErrorKind.CONFLICT
-        if code in UNAVAILABLE_SQLSTATES:
-            return ErrorKind.UNAVAILABLE
-        if code in OUTAGE_SQLSTATES or code.startswith(CONNECTION_EXCEPTION_CLASS):
-            return ErrorKind.OUTAGE
-        return None
+        return _kind_of_code(code, exc)
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return ErrorKind.OUTAGE
     if isinstance(exc, ConnectionError):
         # A bare socket error only reaches us from connecting (refused, reset during the handshake):
         # once connected, the drivers report a lost connection as class 08 or an invalidated connection.
         return ErrorKind.UNAVAILABLE
-    return None
+    return _kind_without_code(exc)
 
 
 def _chain(exc: BaseException) -> typing.Iterator[BaseException]:

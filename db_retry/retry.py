@@ -17,6 +17,7 @@ import tenacity
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from db_retry.engine import resolving_commits
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
 from db_retry.settings import RetrySettings, get_settings
 
@@ -321,6 +322,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]]: ...
@@ -335,6 +337,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> _Decorator: ...
@@ -348,6 +351,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
+    resolve_commit: bool = False,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]] | _Decorator:
@@ -356,7 +360,9 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     ``retries`` is the total number of attempts that run the work (default: ``DB_RETRY_RETRIES_NUMBER``,
     read at call time). ``timeout`` bounds the time spent retrying one call, from its first failure.
     ``wait`` / ``stop`` replace the built-in tenacity strategies. ``retry_ambiguous_commit`` retries a
-    :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``on_retry`` is called
+    :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``resolve_commit`` asks
+    the server whether a COMMIT whose answer was lost committed (one more round trip per write
+    transaction; :mod:`db_retry.engine`). ``on_retry`` is called
     with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
     """
     _check_options(retries, timeout)
@@ -367,6 +373,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
+        if resolve_commit:
+            f = resolving_commits(f)
         conflicted = 0  # calls of ``f`` retrying after a conflict right now
 
         def count_conflicted(delta: int) -> None:

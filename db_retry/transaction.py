@@ -2,49 +2,27 @@
 
 Entry rolls back a session transaction that cannot continue: inactive after a failed flush, on a
 connection SQLAlchemy invalidated, or aborted on the server by a failed statement (``25P02`` on
-everything that follows). The last is noticed without a round trip: a ``handle_error`` listener
-remembers which transaction a server error hit. ``commit()`` turns a connection lost while
-``COMMIT`` was in flight into :class:`CommitOutcomeUnknownError`.
+everything that follows). The last is noticed without a round trip: the ``handle_error`` listener of
+:mod:`db_retry.engine` remembers which transaction a server error hit. A connection lost while
+``COMMIT`` was in flight raises :class:`CommitOutcomeUnknownError` (also from :mod:`db_retry.engine`,
+for every way of committing). Joining an open transaction at another isolation level is refused.
 """
 
 import dataclasses
 import logging
 import types
 import typing
-import weakref
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine.interfaces import ExceptionContext, IsolationLevel
+from sqlalchemy.engine.interfaces import IsolationLevel
 from sqlalchemy.ext import asyncio as sa_async
 
-from db_retry.retriable import ErrorKind, classify, sqlstate_on_chain
+from db_retry.engine import FAILED_IN, CommitOutcomeUnknownError
 
+
+__all__ = ["CommitOutcomeUnknownError", "Transaction", "cannot_continue"]
 
 logger = logging.getLogger("db_retry.transaction")
-_FAILED_IN: typing.Final = "db_retry_failed_transaction"
-_LOST_AT_COMMIT: typing.Final = frozenset({ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE, ErrorKind.AMBIGUOUS})
-
-
-class CommitOutcomeUnknownError(sa.exc.OperationalError):
-    """The connection was lost while ``COMMIT`` was in flight: the work may or may not be committed.
-
-    ``postgres_retry`` does not retry it (retrying could apply the work twice) unless the call site
-    says ``retry_ambiguous_commit=True``. The original error is chained as ``__cause__``.
-    """
-
-    db_retry_kind: typing.ClassVar[ErrorKind] = ErrorKind.AMBIGUOUS
-
-
-@event.listens_for(sa.engine.Engine, "handle_error")
-def _remember_failed_transaction(context: ExceptionContext) -> None:
-    """Note the (sub)transaction a server-reported error aborted, so ``Transaction`` can tell later."""
-    connection = context.connection
-    if connection is None or context.is_disconnect or sqlstate_on_chain(context.original_exception) is None:
-        return
-    transaction = connection.get_nested_transaction() or connection.get_transaction()
-    if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
-        connection.info[_FAILED_IN] = weakref.ref(transaction)
 
 
 def _held_connections(session: sa_async.AsyncSession) -> list[sa.Connection]:
@@ -60,7 +38,7 @@ def _held_connections(session: sa_async.AsyncSession) -> list[sa.Connection]:
 
 
 def _is_aborted(connection: sa.Connection) -> bool:
-    reference = connection.info.get(_FAILED_IN)
+    reference = connection.info.get(FAILED_IN)
     failed = reference() if reference is not None else None
     current = connection.get_nested_transaction() or connection.get_transaction()
     return failed is not None and failed is current and current.is_active
@@ -91,7 +69,7 @@ class Transaction:
         if cannot_continue(self.session):
             logger.info("rolling back a session transaction that cannot continue")
             await self.session.rollback()
-        if self.isolation_level:
+        if self.isolation_level and not self._joins_at_the_same_level():
             await self.session.connection(execution_options={"isolation_level": self.isolation_level})
         if not self.session.in_transaction():
             await self.session.begin()
@@ -115,21 +93,31 @@ class Transaction:
             await self.session.close()
 
     async def commit(self) -> None:
-        """Flush, then commit; a connection lost during ``COMMIT`` raises :class:`CommitOutcomeUnknownError`."""
+        """Flush, then commit; a connection lost during ``COMMIT`` raises :class:`CommitOutcomeUnknownError`.
+
+        The engine-level listeners of :mod:`db_retry.engine` raise it, as for every other way to commit.
+        """
         await self.session.flush()  # a failure here happens before COMMIT is sent: nothing was committed
-        try:
-            await self.session.commit()
-        except Exception as exc:
-            if not isinstance(exc, TimeoutError) and classify(exc) not in _LOST_AT_COMMIT:
-                raise
-            original = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-            statement = "COMMIT"
-            raise CommitOutcomeUnknownError(
-                statement,
-                None,
-                original if isinstance(original, Exception) else exc,
-                hide_parameters=True,
-            ) from exc
+        await self.session.commit()
+
+    def _joins_at_the_same_level(self) -> bool:
+        """Whether the session already holds a connection at the wanted level; another level is refused.
+
+        The level of a transaction that has begun cannot change: joining it would silently run the block
+        at the old level.
+        """
+        held = _held_connections(self.session)
+        for connection in held:
+            options = connection.get_execution_options()
+            current = options.get("isolation_level") or connection.dialect.default_isolation_level
+            if str(current).upper() != str(self.isolation_level).upper():
+                msg = (
+                    f"Transaction(isolation_level={self.isolation_level!r}) cannot join the session's open "
+                    f"transaction, which already runs at {current!r}; commit or roll it back first, or use a "
+                    "new session"
+                )
+                raise ValueError(msg)
+        return bool(held)
 
     async def rollback(self) -> None:
         await self.session.rollback()

@@ -168,9 +168,79 @@ async def test_single_host_connects_with_the_dsn_arguments(pg_cluster: PostgresC
 
 
 async def test_single_host_honours_target_session_attrs(pg_cluster: PostgresCluster) -> None:
-    dsn = f"postgresql://postgres@{pg_cluster.standbys[0].address}/postgres?target_session_attrs=read-write"
-    with pytest.raises(asyncpg.TargetServerAttributeNotMatched):
+    # A DNS name pointing at a node mid-failover: the same named, retried error as with several hosts.
+    standby = pg_cluster.standbys[0]
+    dsn = f"postgresql://postgres@{standby.address}/postgres?target_session_attrs=read-write"
+    with pytest.raises(NoHostAvailableError) as caught:
         await build_connection_factory(dsn, timeout=2)()
+    assert isinstance(caught.value, asyncpg.TargetServerAttributeNotMatched)  # what 0.8.4 code catches
+    assert f"{standby.address}: is a standby" in str(caught.value)
+    assert classify(caught.value) is ErrorKind.UNAVAILABLE
+    connection = await build_connection_factory(dsn.replace("read-write", "standby"), timeout=2)()
+    await connection.close()
+
+
+async def test_an_unknown_host_name_is_reported_at_once_behind_one_host_or_several(pg_cluster: PostgresCluster) -> None:
+    with pytest.raises(socket.gaierror):
+        await build_connection_factory("postgresql://u@no-such-host.invalid/db", timeout=2)()
+    dsn = f"postgresql://postgres@/postgres?host=no-such-host.invalid:5432&host={pg_cluster.standbys[0].address}"
+    with pytest.raises(
+        NoHostAvailableError, match=r"no-such-host\.invalid:5432: cannot resolve the host name"
+    ) as caught:
+        await build_connection_factory(f"{dsn}&target_session_attrs=read-write", timeout=2)()
+    assert classify(caught.value) is None  # a name that does not exist will not appear by waiting
+
+
+async def test_driver_and_adapter_options_in_the_dsn(pg_cluster: PostgresCluster) -> None:
+    # The usual advice behind PgBouncer: asyncpg's statement cache off, and SQLAlchemy's adapter cache off.
+    url = sa.make_url(pg_cluster.primary.dsn(driver="asyncpg")).update_query_dict(
+        {"prepared_statement_cache_size": "0", "statement_cache_size": "0", "command_timeout": "5"},
+    )
+    engine = create_async_engine(url, async_creator=build_connection_factory(url, timeout=2))
+    try:
+        async with engine.connect() as connection:
+            assert (await connection.execute(sa.text("SELECT 1"))).scalar_one() == 1
+            raw = (await connection.get_raw_connection()).driver_connection
+            assert raw is not None
+            assert raw._config.statement_cache_size == 0
+            assert raw._config.command_timeout == 5.0
+    finally:
+        await engine.dispose()
+    with pytest.raises(DSNError, match="statement_cache_size in the DSN must be an integer, got 'none'"):
+        build_connection_factory(url.update_query_dict({"statement_cache_size": "none"}), timeout=2)
+
+
+async def test_the_callers_cancellation_is_never_swallowed(
+    pg_cluster: PostgresCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A losing attempt that takes a while to unwind once cancelled (as a TLS shutdown can) is made by
+    # wrapping asyncpg.connect: no server does that on demand. The caller is cancelled meanwhile.
+    connect = asyncpg.connect
+    unwinding = asyncio.Event()
+
+    async def slow_to_cancel(*args: object, **kwargs: object) -> object:
+        if kwargs.get("port") != pg_cluster.standbys[0].port:
+            return await connect(*args, **kwargs)
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            unwinding.set()
+            await asyncio.sleep(0.5)
+            raise
+        raise AssertionError  # pragma: no cover - cancelled above
+
+    clients = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    before = await pg_cluster.primary.fetchval(clients)
+    monkeypatch.setattr("db_retry.connections.asyncpg.connect", slow_to_cancel)
+    factory = build_connection_factory(_dsn(pg_cluster, "read-write"), timeout=5, stagger=0)
+    caller = asyncio.ensure_future(factory())
+    await unwinding.wait()  # the primary won; the standby's attempt is being abandoned
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.2)  # let the server notice the closed socket
+    assert await pg_cluster.primary.fetchval(clients) == before  # the winner was closed, not leaked
 
 
 @pytest.mark.parametrize("key", ["timeout", "connect_timeout"])

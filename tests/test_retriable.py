@@ -5,7 +5,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
-from db_retry.retriable import ErrorKind, classify, is_retriable, sqlstate_of, sqlstate_on_chain
+from db_retry.retriable import (
+    ErrorKind,
+    classify,
+    is_retriable,
+    leaves_connection_unusable,
+    sqlstate_of,
+    sqlstate_on_chain,
+)
 
 
 class _Coded(Exception):
@@ -30,6 +37,7 @@ class _Coded(Exception):
         ("25006", ErrorKind.OUTAGE),
         ("57P03", ErrorKind.UNAVAILABLE),
         ("53300", ErrorKind.UNAVAILABLE),
+        ("08004", ErrorKind.OUTAGE),
         ("08007", ErrorKind.AMBIGUOUS),
         # Deliberately not transient (architecture/retriable.md says why).
         ("40002", None),
@@ -39,6 +47,8 @@ class _Coded(Exception):
         ("42P01", None),
         ("57014", None),
         ("28P01", None),
+        ("08P01", None),  # protocol violation: a client bug sends the same bytes again
+        ("08999", None),  # a class 08 code nobody documented: not assumed transient
     ],
 )
 def test_sqlstate_table(sqlstate: str, kind: ErrorKind | None) -> None:
@@ -127,3 +137,84 @@ def test_only_five_character_codes_count(value: object) -> None:
     error = Exception()
     error.sqlstate = value  # type: ignore[attr-defined]
     assert sqlstate_of(error) is None
+
+
+class _Said(Exception):
+    """A server (or pooler) error as the drivers give it: a SQLSTATE and the message."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        # PgBouncer has no codes of its own: it says what happened in an 08P01.
+        ("server login has been failing, try again later (server_login_retry)", ErrorKind.UNAVAILABLE),
+        ("pgbouncer cannot connect to server", ErrorKind.UNAVAILABLE),
+        ("query_wait_timeout", ErrorKind.UNAVAILABLE),
+        ("no more connections allowed (max_client_conn)", ErrorKind.UNAVAILABLE),
+        ("server conn crashed?", ErrorKind.OUTAGE),
+        ("server shutting down", ErrorKind.OUTAGE),
+        ("bind message supplies 2 parameters, but prepared statement requires 1", None),
+        ("invalid frontend message type 0", None),
+    ],
+)
+def test_protocol_violations_from_a_pooler(message: str, kind: ErrorKind | None) -> None:
+    assert classify(_Said("08P01", message)) is kind
+    assert classify(asyncpg.ProtocolViolationError(message)) is kind
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        # What psycopg raises without a SQLSTATE: connect failures (even when the server said why) ...
+        ('connection failed: connection to server at "127.0.0.1", port 5 failed: Connection refused', "unavailable"),
+        ("connection failed: FATAL:  the database system is starting up", "unavailable"),
+        ("connection timeout expired", "unavailable"),
+        # ... and a connection lost under a running statement.
+        ("consuming input failed: server closed the connection unexpectedly", "outage"),
+        ("the connection is lost", "outage"),
+        ("the connection is closed", "outage"),
+        ("sending query failed: another command is already in progress", None),
+    ],
+)
+def test_psycopg_errors_without_a_sqlstate(message: str, kind: str | None) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    error = psycopg.OperationalError(message)
+    assert error.sqlstate is None
+    assert classify(error) is (ErrorKind(kind) if kind else None)
+    assert classify(psycopg.errors.ConnectionTimeout("timeout expired")) is ErrorKind.UNAVAILABLE
+    assert classify(psycopg.ProgrammingError("the connection is closed")) is None  # not an OperationalError
+
+
+def test_asyncpg_errors_without_a_sqlstate() -> None:
+    assert classify(asyncpg.InterfaceError("connection is closed")) is ErrorKind.OUTAGE
+    assert classify(asyncpg.InterfaceError("cannot perform operation: another operation is in progress")) is None
+    assert classify(asyncpg.InternalClientError("cannot switch to state 11; another operation (2) is in progress")) is (
+        ErrorKind.OUTAGE
+    )
+    # asyncpg's own multi-host connect found no host of the wanted role: worth waiting for, like ours.
+    assert classify(asyncpg.TargetServerAttributeNotMatched("none")) is ErrorKind.UNAVAILABLE
+    assert classify(ValueError("connection is closed")) is None
+
+
+def test_which_errors_leave_a_connection_unusable() -> None:
+    assert leaves_connection_unusable(_wrapped_by_sqlalchemy(asyncpg.InternalClientError("cannot switch to state 11")))
+    assert not leaves_connection_unusable(asyncpg.TargetServerAttributeNotMatched("none"))
+    assert not leaves_connection_unusable(asyncpg.InterfaceError("connection is closed"))
+
+
+def test_an_error_whose_str_fails_is_still_classified() -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise TypeError
+
+    assert classify(Unprintable()) is None
+    unprintable = Unprintable()
+    unprintable.__cause__ = asyncpg.InterfaceError("connection is closed")
+    assert classify(unprintable) is ErrorKind.OUTAGE
+    protocol = Unprintable()
+    protocol.sqlstate = "08P01"  # type: ignore[attr-defined]
+    assert classify(protocol) is None

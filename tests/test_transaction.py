@@ -293,3 +293,19 @@ async def test_a_failing_rollback_never_hides_the_blocks_error(engine: AsyncEngi
     with pytest.raises(OSError, match="rollback failed"):
         async with Transaction(session=BrokenRollback(engine)) as transaction:
             await transaction.session.execute(sa.text("SELECT 1"))
+
+
+async def test_joining_an_open_transaction_at_another_isolation_level_is_refused(engine: AsyncEngine) -> None:
+    session = AsyncSession(engine)
+    await session.execute(sa.text("SELECT 1"))  # the session now holds a READ COMMITTED transaction
+    with pytest.raises(ValueError, match=r"isolation_level='SERIALIZABLE'.* already runs at 'READ COMMITTED'"):
+        async with Transaction(session=session, isolation_level="SERIALIZABLE"):
+            pytest.fail("the block must not run at the old level")  # pragma: no cover
+    async with Transaction(session=session, isolation_level="READ COMMITTED") as transaction:  # the same level: joins
+        shown = (await transaction.session.execute(sa.text("SHOW transaction_isolation"))).scalar_one()
+        assert shown == "read committed"
+    session = AsyncSession(engine)
+    await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+    async with Transaction(session=session, isolation_level="REPEATABLE READ") as transaction:
+        shown = (await transaction.session.execute(sa.text("SHOW transaction_isolation"))).scalar_one()
+        assert shown == "repeatable read"
