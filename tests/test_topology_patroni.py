@@ -22,16 +22,14 @@ from db_retry.testing.topology_fixtures import HAProxyFactory, PatroniFactory
 
 pytestmark = pytest.mark.standby
 
-# Library reasons these proofs fail today (issue 11 item 2, the lead's): remove the marks when it lands.
-PSYCOPG_CONNECT = pytest.mark.xfail(
+# Library reasons this proof fails today (issue 11 item 2, the lead's): remove the mark when they are fixed.
+HAPROXY_REASONS = pytest.mark.xfail(
     strict=True,
-    reason="psycopg connect failures during a failover carry no SQLSTATE (OperationalError 'session is read-only', "
-    "'server closed the connection unexpectedly', 'connection timeout expired'): not classified as an outage yet",
-)
-HAPROXY_TIMEOUT = pytest.mark.xfail(
-    strict=True,
-    reason="through HAProxy with no server up, asyncpg's connect ends in a bare TimeoutError and psycopg's in "
-    "OperationalError without SQLSTATE: neither is classified as an outage yet",
+    reason="through HAProxy: a connection that reaches the old leader before HAProxy marks it down gets "
+    "0A000 'cannot use serializable mode in a hot standby' (not a node-role error yet); the Transaction calls "
+    "then fail with 25P01 'SAVEPOINT can only be used in transaction blocks' and asyncpg InterfaceError 'nested "
+    "transaction has a different isolation level'; asyncpg's connect through HAProxy with no server up ends in "
+    "a bare TimeoutError, not classified as an outage",
 )
 
 WORKERS = 2  # per kind: 4 kinds (asyncpg / psycopg x Transaction / session.begin())
@@ -69,7 +67,6 @@ async def _switchover_then_failover(run: TopologyRun, cluster: PatroniCluster, h
     await run.wait_commits(50)
 
 
-@PSYCOPG_CONNECT
 async def test_patroni_multihost_dsn_rides_through_switchover_and_failover(patroni_cluster: PatroniFactory) -> None:
     cluster = patroni_cluster(2)
     async with engines(cluster.multihost_dsn(), cluster.multihost_dsn(driver="psycopg")) as made:
@@ -81,7 +78,6 @@ async def test_patroni_multihost_dsn_rides_through_switchover_and_failover(patro
     assert_holds(report, replication_loss_allowed=True)
 
 
-@PSYCOPG_CONNECT
 async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover(
     patroni_cluster: PatroniFactory,
 ) -> None:
@@ -98,7 +94,7 @@ async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover
     assert_holds(report)  # lost_to_replication == 0 too
 
 
-@HAPROXY_TIMEOUT
+@HAPROXY_REASONS
 async def test_patroni_through_haproxy_rides_through_switchover_and_failover(
     patroni_cluster: PatroniFactory, haproxy: HAProxyFactory
 ) -> None:
