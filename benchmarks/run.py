@@ -45,6 +45,10 @@ import asyncpg
 
 import db_retry
 from db_retry.testing import PostgresCluster, PostgresNode
+from db_retry.testing.haproxy import HAProxy
+from db_retry.testing.patroni import PatroniCluster
+from db_retry.testing.pgbouncer import PgBouncer
+from db_retry.testing.proxy import MovingEndpoint
 
 
 REPO: typing.Final = pathlib.Path(__file__).resolve().parent.parent
@@ -54,7 +58,15 @@ RESULTS: typing.Final = BENCHMARKS / "results"
 REFERENCE_VERSION: typing.Final = "0.8.4"
 REFERENCE_VENV: typing.Final = REPO / ".bench-venvs" / f"ref-{REFERENCE_VERSION}"
 SHARED_DEPENDENCIES: typing.Final = ("sqlalchemy", "asyncpg", "greenlet")
-ALL_SCENARIOS: typing.Final = ("overhead", "connect", "serializable", "disconnects", "restart", "failover")
+ALL_SCENARIOS: typing.Final = (
+    "overhead",
+    "connect",
+    "serializable",
+    "disconnects",
+    "restart",
+    "failover",
+    "topologies",
+)
 
 HOSTS: typing.Final = 4
 HANGING: typing.Final = (0, 1, 3)
@@ -789,6 +801,104 @@ async def bench_failover(context: Context) -> list[Row]:
     )
 
 
+def _topology_params(dsn: str, *, multihost: bool, pgbouncer: bool = False) -> dict[str, typing.Any]:
+    return {
+        "dsn": dsn,
+        "callers": CALLERS,
+        "pause": CALL_PAUSE,
+        "multihost": multihost,
+        "pgbouncer": pgbouncer,
+        "connect_timeout": CONNECT_TIMEOUT,
+    }
+
+
+async def _patroni_fault(cluster: PatroniCluster, kind: str) -> dict[str, float]:
+    """Switch over or kill the leader's postmaster; the times the fault began and the new leader took writes."""
+    fault = time.monotonic()
+    transition = await (cluster.switchover() if kind == "switchover" else cluster.failover())
+    return {"fault": fault, "stopped": fault, "back": fault + transition.seconds}
+
+
+async def _bench_patroni(context: Context, kind: str, *, via_haproxy: bool) -> list[Row]:
+    metrics: dict[str, dict[str, typing.Any]] = {}
+    for package in context.packages():
+        with PatroniCluster(members=2, name="bench-patroni") as cluster:
+            leader = cluster.leader().node
+            await create_schema(leader)
+            with contextlib.ExitStack() as stack:
+                if via_haproxy:
+                    balancer = stack.enter_context(HAProxy(cluster))
+                    params = _topology_params(balancer.dsn(), multihost=False)
+                else:
+                    params = _topology_params(cluster.multihost_dsn(target_session_attrs=None), multihost=True)
+                fault = functools.partial(_patroni_fault, cluster, kind)
+                result, marks = await run_callers(context, package, params, fault)
+            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+                cluster.leader().node, result["succeeded"], f"patroni {kind} ({package.name})"
+            )
+    context.data.setdefault("topologies", {})[f"patroni-{kind}{'-haproxy' if via_haproxy else ''}"] = metrics
+    what = "POST /switchover" if kind == "switchover" else "leader postmaster killed"
+    where = "HAProxy (GET /primary checks)" if via_haproxy else "multi-host DSN"
+    return caller_rows(f"Patroni, {what}, through a {where}, {CALLERS} callers", metrics, "the new leader takes writes")
+
+
+async def _bench_pgbouncer(context: Context) -> list[Row]:
+    metrics: dict[str, dict[str, typing.Any]] = {}
+    for package in context.packages():
+        async with running_cluster(context, standbys=0) as cluster:
+            primary = cluster.primary
+            await create_schema(primary)
+            with PgBouncer(primary.host, primary.port, pool_mode="transaction") as bouncer:
+                params = _topology_params(bouncer.dsn(), multihost=False, pgbouncer=True)
+                result, marks = await run_callers(context, package, params, functools.partial(restart, primary, "fast"))
+            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+                primary, result["succeeded"], f"pgbouncer restart ({package.name})"
+            )
+    context.data.setdefault("topologies", {})["pgbouncer-restart"] = metrics
+    return caller_rows(
+        f"PgBouncer (transaction pooling), fast restart of its server, {CALLERS} callers",
+        metrics,
+        "the server accepts again",
+    )
+
+
+async def _move(endpoint: MovingEndpoint) -> dict[str, float]:
+    fault = time.monotonic()
+    await endpoint.move(hold=1.0)
+    back = time.monotonic()
+    return {"fault": fault, "stopped": fault, "back": back}
+
+
+async def _bench_moving_endpoint(context: Context) -> list[Row]:
+    metrics: dict[str, dict[str, typing.Any]] = {}
+    for package in context.packages():
+        async with running_cluster(context, standbys=1) as cluster:
+            await create_schema(cluster.primary)
+            await cluster.wait_for_replay()
+            async with MovingEndpoint(cluster) as endpoint:
+                params = _topology_params(endpoint.dsn(), multihost=False)
+                result, marks = await run_callers(context, package, params, functools.partial(_move, endpoint))
+            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+                cluster.primary, result["succeeded"], f"moving endpoint ({package.name})"
+            )
+    context.data.setdefault("topologies", {})["moving-endpoint"] = metrics
+    return caller_rows(
+        f"moving endpoint (old primary read-only, standby promoted, address moved), {CALLERS} callers",
+        metrics,
+        "the move ends (old primary rebuilt)",
+    )
+
+
+async def bench_topologies(context: Context) -> list[Row]:
+    """Issue 11: 4 looping writers on each deployment topology of the kit, ours and 0.8.4 side by side."""
+    rows = await _bench_patroni(context, "switchover", via_haproxy=False)
+    rows += await _bench_patroni(context, "failover", via_haproxy=False)
+    rows += await _bench_patroni(context, "failover", via_haproxy=True)
+    rows += await _bench_pgbouncer(context)
+    rows += await _bench_moving_endpoint(context)
+    return rows
+
+
 async def bench_disconnects(context: Context, cluster: PostgresCluster) -> list[list[str]]:
     """Seed 003, ours only: pre-ping (pessimistic) vs retry on invalidation (optimistic)."""
     settings = context.settings
@@ -980,6 +1090,9 @@ async def run(context: Context, only: set[str]) -> tuple[list[Row], list[list[st
     if "failover" in only:
         print("failover ...", flush=True)
         rows += await bench_failover(context)
+    if "topologies" in only:
+        print("topologies (Patroni, HAProxy, PgBouncer, a moving endpoint) ...", flush=True)
+        rows += await bench_topologies(context)
     return rows, seed
 
 
