@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import functools
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -801,6 +802,36 @@ async def bench_failover(context: Context) -> list[Row]:
     )
 
 
+def write_window_ms(result: dict[str, typing.Any], marks: dict[str, float]) -> float | None:
+    """The longest stretch with no successful call at all, from the fault on: how long writes were unavailable."""
+    ends = sorted(end for _, _, end, error in result["calls"] if error is None and end > marks["fault"])
+    if not ends:
+        return None
+    points = [marks["fault"], *ends]
+    return ms(max(later - earlier for earlier, later in itertools.pairwise(points)))
+
+
+def topology_metrics(result: dict[str, typing.Any], marks: dict[str, float]) -> dict[str, typing.Any]:
+    return caller_metrics(result, marks) | {"window_ms": write_window_ms(result, marks)}
+
+
+def topology_rows(label: str, metrics: dict[str, dict[str, typing.Any]], manager: str) -> list[Row]:
+    def pair(key: str) -> tuple[typing.Any, typing.Any]:
+        return metrics["reference"][key], metrics["ours"][key]
+
+    return [
+        Row(
+            label,
+            "failed calls / total",
+            *(f"{m['failed']} / {m['calls']}" for m in (metrics["reference"], metrics["ours"])),
+        ),
+        Row(label, "writes unavailable (longest stretch without a successful call), ms", *pair("window_ms")),
+        Row(label, f"{manager}, s", *pair("server_down_s")),
+        Row(label, "writes applied twice", *pair("applied_twice")),
+        Row(label, "writes applied but reported failed", *pair("applied_but_reported_failed")),
+    ]
+
+
 def _topology_params(dsn: str, *, multihost: bool, pgbouncer: bool = False) -> dict[str, typing.Any]:
     return {
         "dsn": dsn,
@@ -833,13 +864,15 @@ async def _bench_patroni(context: Context, kind: str, *, via_haproxy: bool) -> l
                     params = _topology_params(cluster.multihost_dsn(target_session_attrs=None), multihost=True)
                 fault = functools.partial(_patroni_fault, cluster, kind)
                 result, marks = await run_callers(context, package, params, fault)
-            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+            metrics[package.name] = topology_metrics(result, marks) | await check_writes(
                 cluster.leader().node, result["succeeded"], f"patroni {kind} ({package.name})"
             )
     context.data.setdefault("topologies", {})[f"patroni-{kind}{'-haproxy' if via_haproxy else ''}"] = metrics
     what = "POST /switchover" if kind == "switchover" else "leader postmaster killed"
     where = "HAProxy (GET /primary checks)" if via_haproxy else "multi-host DSN"
-    return caller_rows(f"Patroni, {what}, through a {where}, {CALLERS} callers", metrics, "the new leader takes writes")
+    return topology_rows(
+        f"Patroni, {what}, through a {where}, {CALLERS} callers", metrics, "Patroni: fault → new leader writable"
+    )
 
 
 async def _bench_pgbouncer(context: Context) -> list[Row]:
@@ -851,14 +884,14 @@ async def _bench_pgbouncer(context: Context) -> list[Row]:
             with PgBouncer(primary.host, primary.port, pool_mode="transaction") as bouncer:
                 params = _topology_params(bouncer.dsn(), multihost=False, pgbouncer=True)
                 result, marks = await run_callers(context, package, params, functools.partial(restart, primary, "fast"))
-            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+            metrics[package.name] = topology_metrics(result, marks) | await check_writes(
                 primary, result["succeeded"], f"pgbouncer restart ({package.name})"
             )
     context.data.setdefault("topologies", {})["pgbouncer-restart"] = metrics
-    return caller_rows(
+    return topology_rows(
         f"PgBouncer (transaction pooling), fast restart of its server, {CALLERS} callers",
         metrics,
-        "the server accepts again",
+        "server down (stop began → accepts again)",
     )
 
 
@@ -878,14 +911,14 @@ async def _bench_moving_endpoint(context: Context) -> list[Row]:
             async with MovingEndpoint(cluster) as endpoint:
                 params = _topology_params(endpoint.dsn(), multihost=False)
                 result, marks = await run_callers(context, package, params, functools.partial(_move, endpoint))
-            metrics[package.name] = caller_metrics(result, marks) | await check_writes(
+            metrics[package.name] = topology_metrics(result, marks) | await check_writes(
                 cluster.primary, result["succeeded"], f"moving endpoint ({package.name})"
             )
     context.data.setdefault("topologies", {})["moving-endpoint"] = metrics
-    return caller_rows(
+    return topology_rows(
         f"moving endpoint (old primary read-only, standby promoted, address moved), {CALLERS} callers",
         metrics,
-        "the move ends (old primary rebuilt)",
+        "the whole move (1 s hold, old primary rebuilt)",
     )
 
 
