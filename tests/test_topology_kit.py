@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -271,7 +272,7 @@ def test_free_port_stays_below_the_ephemeral_range(monkeypatch: pytest.MonkeyPat
     kit._handed_out.discard(wanted)
     picks = iter([handed_out, wanted])
     with monkeypatch.context() as patch:
-        patch.setattr(kit.random, "choice", lambda _: next(picks))
+        patch.setattr(random, "choice", lambda _: next(picks))
         assert free_port() == wanted  # a port handed out before is passed over
     monkeypatch.setattr(kit, "_handed_out", set(range(20000, 30000)))
     assert free_port() in kit.PORT_RANGE  # a long run forgets old ports
