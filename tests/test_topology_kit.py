@@ -25,9 +25,9 @@ from db_retry import build_connection_factory
 from db_retry.testing import _binaries
 from db_retry.testing import cluster as kit
 from db_retry.testing._binaries import PGBOUNCER, Component, MissingComponentError, find_program
-from db_retry.testing.cluster import ClusterError, KitProcess, free_port
+from db_retry.testing.cluster import ClusterError, KitProcess, PostgresNode, free_port
 from db_retry.testing.haproxy import HAProxy
-from db_retry.testing.patroni import PatroniCluster, _http
+from db_retry.testing.patroni import PatroniCluster, _accepts_writes, _http
 from db_retry.testing.pgbouncer import PgBouncer
 from db_retry.testing.proxy import TcpProxy
 from db_retry.testing.pytest_plugin import ClusterFactory
@@ -376,5 +376,14 @@ def test_skip_if_missing_names_what_to_install() -> None:
         raise MissingComponentError(PGBOUNCER, ["here"])
 
 
-def test_http_helper_reports_silence() -> None:
+async def test_helpers_report_silence(tmp_path: pathlib.Path) -> None:
     assert _http("GET", f"http://127.0.0.1:{free_port()}/")[0] == 0
+    nobody = PostgresNode(
+        name="nobody",
+        port=free_port(),
+        data_dir=tmp_path,
+        log_path=tmp_path / "log",
+        bindir=tmp_path,
+        account=kit._Account.resolve(None),
+    )
+    assert not await _accepts_writes(nobody)  # refused: not a primary

@@ -62,7 +62,7 @@ async def _switchover_then_failover(run: TopologyRun, cluster: PatroniCluster, h
     if haproxy is not None:
         await asyncio.to_thread(haproxy.wait_checked)
     record = run.fault("postmaster killed")
-    record.unsafe_before = record.started
+    record.unplanned = True
     record.ha_seconds = (await cluster.failover()).seconds
     await run.wait_commits(50)
 
@@ -87,7 +87,7 @@ async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover
         run = TopologyRun("patroni synchronous_mode", made, workers=WORKERS)
         await run.start()
         record = run.fault("postmaster killed")
-        record.unsafe_before = record.started
+        record.unplanned = True
         record.ha_seconds = (await cluster.failover()).seconds
         await run.wait_commits(50)
         report = await run.finish()

@@ -73,7 +73,7 @@ class FaultRecord:
     started: float
     ha_seconds: float | None = None  # the HA manager's (or the kit's) own time until a primary took writes
     window: float | None = None  # the longest stretch with no commit, from the fault to the next one (or the end)
-    unsafe_before: float | None = None  # acks before this moment may be lost to asynchronous replication
+    unplanned: bool = False  # a crash: commits acked since the previous fault may be lost to asynchronous replication
 
 
 @dataclasses.dataclass
@@ -89,6 +89,7 @@ class TopologyReport:
     doubled: int  # reported failed, yet applied
     retries: dict[str, int]
     by_kind: dict[str, int]
+    lost_at: list[float]  # when each lost transfer was acknowledged (seconds into the run)
     errors: dict[str, str]
 
     @property
@@ -105,6 +106,7 @@ class TopologyReport:
             f"{self.topology}: ok={self.ok} lost={self.lost} doubled={self.doubled} failed={sum(self.failed.values())} "
             f"{dict(self.failed)} outcome-unknown={self.unknown} lost-to-async-replication={self.lost_to_replication} "
             f"money-conserved={self.money_conserved} | {windows} | retries {self.retries} | per kind {self.by_kind}"
+            f" | faults at {[round(fault.started, 3) for fault in self.faults]}, lost acked at {self.lost_at}"
             + "".join(f"\n  {cause}: {message}" for cause, message in self.errors.items())
         )
 
@@ -175,17 +177,28 @@ class TopologyRun:
         async with engine.connect() as connection:
             applied = set((await connection.execute(sa.text("SELECT transfer_id FROM ledger"))).scalars())
         lost = lost_to_replication = 0
-        unsafe = [record.unsafe_before for record in self.faults if record.unsafe_before is not None]
+        # Under asynchronous replication a commit acknowledged by the old primary at any time before an
+        # unplanned failover may be missing from the new one (how far back depends on the replication lag),
+        # and so may one acknowledged until the new primary took writes: backends outlive a SIGKILLed
+        # postmaster until their next wait, and can still commit locally. One acknowledged after that, or
+        # around a planned switchover, may not.
+        starts = [0.0, *(record.started for record in self.faults)]
+        unsafe = [
+            (starts[index], record.started + (record.ha_seconds or 0.0))
+            for index, record in enumerate(self.faults)
+            if record.unplanned
+        ]
+        lost_at: list[float] = []
         failed: dict[str, int] = {}
         retries: dict[str, int] = {}
         for workload in self.workloads.values():
             for transfer_id in workload.outcomes.ok - applied:
                 acked = workload.acked_at[transfer_id]
-                # Acked before an unplanned failover and within a second of it: on the old primary only.
-                if any(moment - 1.0 <= acked <= moment for moment in unsafe):
+                if any(since <= acked <= until for since, until in unsafe):
                     lost_to_replication += 1
                 else:
                     lost += 1
+                    lost_at.append(acked)
             for cause in workload.outcomes.failed.values():
                 failed[cause] = failed.get(cause, 0) + 1
             for cause, count in workload.outcomes.retries.items():
@@ -202,6 +215,7 @@ class TopologyRun:
             doubled=sum(report.failed_but_applied for report in invariants),
             retries=retries,
             by_kind={label: len(workload.outcomes.ok) for label, workload in self.workloads.items()},
+            lost_at=sorted(lost_at),
             errors={
                 f"{label} {cause}": message
                 for label, w in self.workloads.items()
