@@ -116,10 +116,14 @@ def _ms(seconds: float | None) -> str:
 
 
 class TopologyRun:
-    """Workers of every kind on ``engines`` (driver -> engine over the same database), faults in between."""
+    """Workers of every kind on ``engines`` (driver -> engine over the same database), faults in between.
+
+    Many accounts: SERIALIZABLE's predicate locks on the accounts' index pages make transfers between
+    accounts of one page conflict (40001), and a few hundred accounts fit in two pages.
+    """
 
     def __init__(
-        self, topology: str, engines: dict[str, AsyncEngine], *, workers: int = 2, accounts: int = 500
+        self, topology: str, engines: dict[str, AsyncEngine], *, workers: int = 2, accounts: int = 5000
     ) -> None:
         self.topology = topology
         self.engines = engines
