@@ -68,6 +68,16 @@ class NoHostAvailableError(asyncpg.TargetServerAttributeNotMatched):  # type: ig
         return None
 
 
+class ConnectTimeoutError(TimeoutError):
+    """Connecting to the DSN's one host timed out (e.g. a proxy that accepts while no server is up).
+
+    A :class:`TimeoutError`, as asyncpg raises; unlike a timeout of a query, worth waiting for: retried
+    within ``DB_RETRY_OUTAGE_TIMEOUT`` like a refused connection.
+    """
+
+    db_retry_kind: typing.ClassVar[ErrorKind] = ErrorKind.UNAVAILABLE
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class HostFailure:
     address: HostPort
@@ -243,12 +253,18 @@ class _Connector:
             try:
                 await self._abandon(running)
             except BaseException:
-                if chosen is not None:  # the caller was cancelled while the losers were being abandoned
+                # The caller was cancelled while the losers were being abandoned (chosen is None only if
+                # the race itself was cancelled too, twice).
+                if chosen is not None:  # pragma: no branch
                     chosen[0].terminate()
                 raise
         if chosen is None:
-            if len(self.plan.hosts) == 1 and failures[0].error is not None:
-                raise failures[0].error  # one host that could not be reached: the driver's own error, as before
+            failure = failures[0]
+            if len(self.plan.hosts) == 1 and isinstance(failure.error, TimeoutError):
+                msg = f"{failure.address}: {failure.reason}"
+                raise ConnectTimeoutError(msg) from failure.error
+            if len(self.plan.hosts) == 1 and failure.error is not None:
+                raise failure.error  # one host that could not be reached: the driver's own error, as before
             raise NoHostAvailableError(self.plan.target_session_attrs, failures)
         connection, self.last_good = chosen
         return connection

@@ -17,6 +17,9 @@ which fires the ``commit`` event and routes a failure through ``handle_error``.
   added at checkout.
 - **A connection the driver left unusable** without a SQLSTATE (asyncpg's protocol state errors) is
   treated as a disconnect too.
+- **Statements prepared behind a transaction pooler**: ``26000`` / ``42P05`` (or ``08P01`` "bind
+  message supplies ...") about a statement the driver itself prepared (``__asyncpg_stmt_N__``,
+  ``_pg3_N``) becomes :class:`PreparedStatementBehindPoolerError`, which says what to set; never retried.
 - **A server error that aborts the transaction** is remembered per (sub)transaction, so
   :class:`db_retry.Transaction` can tell without a round trip that it must roll back first.
 - **Resolving a lost COMMIT** (opt-in: ``postgres_retry(resolve_commit=True)`` for a call site, or the
@@ -35,6 +38,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import re
 import typing
 import weakref
 
@@ -63,6 +67,15 @@ _WANT_RESOLUTION: typing.Final = "db_retry_want_resolution"
 _IDENTITY: typing.Final = "db_retry_server_identity"
 _VERDICT: typing.Final = "db_retry_commit_verdict"
 READ_ONLY_SQLSTATE: typing.Final = "25006"
+FEATURE_NOT_SUPPORTED: typing.Final = "0A000"
+# 0A000 messages of a standby refusing what only a primary does ("cannot use serializable mode in a hot
+# standby", "cannot set transaction read-write mode during recovery").
+_STANDBY_REFUSALS: typing.Final = ("hot standby", "during recovery")
+_ROLE_PARAMETERS: typing.Final = ("in_hot_standby", "default_transaction_read_only")
+# Codes of a statement name the server does not know or already has, and of a bind to the wrong one.
+_PREPARED_STATEMENT_SQLSTATES: typing.Final = frozenset({"26000", "42P05", "08P01"})
+# The names asyncpg (also under SQLAlchemy's adapter) and psycopg 3 give the statements they prepare.
+_DRIVER_STATEMENT: typing.Final = re.compile(r'prepared statement "(__asyncpg_stmt_[0-9a-f]+__|_pg3_\d+)"')
 # Set by ``postgres_retry(resolve_commit=True)`` around the calls of its function.
 resolve_commits: contextvars.ContextVar[bool] = contextvars.ContextVar("db_retry_resolve_commits", default=False)
 
@@ -117,6 +130,27 @@ class CommitNotAppliedError(sa.exc.OperationalError):
         return f"COMMIT was not applied (the server said so after the connection was lost): {super().__str__()}"
 
 
+class PreparedStatementBehindPoolerError(sa.exc.ProgrammingError):
+    """The server does not know (or already has) a statement the driver prepared on this connection.
+
+    That happens when a pooler in transaction mode (PgBouncer before 1.21, or without
+    ``max_prepared_statements``) hands each transaction another server connection. Retrying does not
+    help; turning the drivers' statement caches off does (see the message). Not retried.
+    """
+
+    db_retry_kind: typing.ClassVar[ErrorKind | None] = None
+
+    def __str__(self) -> str:
+        return (
+            f"{super().__str__()}\n"
+            "The driver's prepared statements do not survive a pooler in transaction mode. Turn them off: "
+            "asyncpg: create_async_engine(url, connect_args={'statement_cache_size': 0}) with "
+            "?prepared_statement_cache_size=0 in the URL (or both in the DSN given to build_connection_factory); "
+            "psycopg: connect_args={'prepare_threshold': None}. PgBouncer 1.21+ can keep them instead "
+            "(max_prepared_statements)."
+        )
+
+
 @event.listens_for(sa.engine.Engine, "commit")
 def _note_commit(connection: sa.Connection) -> None:
     """Mark the connection as committing: a failure before the next ``begin``/``rollback`` is the COMMIT's."""
@@ -142,31 +176,61 @@ def _commit_was_lost(context: ExceptionContext) -> bool:
 def _on_error(context: ExceptionContext) -> BaseException | None:
     connection = context.connection
     error = context.original_exception
-    if connection is None or connection.invalidated or not isinstance(error, Exception):
-        # A failed connect (the factory reports those), a connection already known dead (its ``info``
-        # would try to reconnect), or the caller's own cancellation.
+    if not isinstance(error, Exception):
+        return None  # the caller's own cancellation
+    if connection is None:
+        # A failed connect. A standby refusing what the engine sets up (SERIALIZABLE, read-write) while
+        # connecting is a node that cannot serve writes now (asyncpg may report it only as the 25P01 of
+        # the poisoned connection that follows): the work never started.
+        refused = _is_node_role_error(sqlstate_on_chain(error), error) or leaves_connection_unusable(error)
+        if refused and context.sqlalchemy_exception is not None:
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
+    if connection.invalidated:  # pragma: no cover - SQLAlchemy does not report errors of a connection it gave up
+        return None  # ... and its ``info`` would try to reconnect
     # SQLAlchemy passes no statement for COMMIT (nor for BEGIN/ROLLBACK, whose events clear the mark).
     if connection.info.pop(_COMMITTING, False) and context.statement is None:
-        verdict: _Verdict | None = connection.info.pop(_VERDICT, None)
-        if not _commit_was_lost(context):
-            return None  # the server answered: the COMMIT definitely failed
-        error_class = (
-            CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
-        )
-        unknown = error_class(
-            "COMMIT",
-            None,
+        return _commit_failed(context, connection, error)
+    return _statement_failed(context, connection, error)
+
+
+def _commit_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
+    verdict: _Verdict | None = connection.info.pop(_VERDICT, None)
+    if not _commit_was_lost(context):
+        return None  # the server answered: the COMMIT definitely failed
+    error_class = (
+        CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
+    )
+    unknown = error_class("COMMIT", None, error, hide_parameters=True, connection_invalidated=context.is_disconnect)
+    if verdict is not None:
+        unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
+    return unknown
+
+
+def _statement_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
+    code = sqlstate_on_chain(error)
+    if code in _PREPARED_STATEMENT_SQLSTATES and _DRIVER_STATEMENT.search(str(error)):
+        return PreparedStatementBehindPoolerError(
+            context.statement,
+            context.parameters,
             error,
             hide_parameters=True,
             connection_invalidated=context.is_disconnect,
         )
-        if verdict is not None:
-            unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
-        return unknown
-    code = sqlstate_on_chain(error)
-    if code == READ_ONLY_SQLSTATE or (code is None and leaves_connection_unusable(error)):
+    if leaves_connection_unusable(error):
         context.is_disconnect = True  # invalidates this connection and refreshes the pool
+        if context.sqlalchemy_exception is not None:  # pragma: no branch - the adapters wrap these as DBAPI errors
+            # Nothing ran on it; another connection will do (a 25P01 alone is the caller's own mistake).
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.OUTAGE  # type: ignore[attr-defined]
+        return None
+    if _is_node_role_error(code, error):
+        read_only = _node_reports_read_only(connection)
+        if read_only is not False:  # the node is read-only, or the driver cannot tell: not the session's doing
+            context.is_disconnect = True  # invalidates this connection and refreshes the pool
+        if read_only and context.sqlalchemy_exception is not None:
+            # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
+            # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
+            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
     if context.is_disconnect or code is None:
         return None
@@ -174,6 +238,30 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
     if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
         connection.info[FAILED_IN] = weakref.ref(transaction)
     return None
+
+
+def _is_node_role_error(code: str | None, error: BaseException) -> bool:
+    if code == READ_ONLY_SQLSTATE:
+        return True
+    return code == FEATURE_NOT_SUPPORTED and any(text in str(error) for text in _STANDBY_REFUSALS)
+
+
+def _node_reports_read_only(connection: sa.Connection) -> bool | None:
+    """Whether the server said (ParameterStatus, PostgreSQL 14+) it is a standby or read-only; None: unknown.
+
+    Read from what the drivers keep of the server's reports: no round trip.
+    """
+    driver: typing.Any = connection.connection.driver_connection
+    if hasattr(driver, "get_settings"):  # asyncpg
+        settings = driver.get_settings()
+        values = [getattr(settings, name, None) for name in _ROLE_PARAMETERS]
+    elif hasattr(getattr(driver, "info", None), "parameter_status"):  # psycopg 3
+        values = [driver.info.parameter_status(name) for name in _ROLE_PARAMETERS]
+    else:  # pragma: no cover - another driver
+        return None
+    if all(value is None for value in values):
+        return None  # pragma: no cover - a server before PostgreSQL 14 (the suite runs 15)
+    return "on" in values
 
 
 # -- resolving a lost COMMIT ----------------------------------------------------------------------------
@@ -204,8 +292,8 @@ class _Verdict:
     reason: str
 
 
-_CANNOT_CONNECT: typing.Final = "cannot connect"
-_CANNOT_ASK: typing.Final = "cannot ask"
+_NO_ANSWER: typing.Final = "the server cannot be asked"
+_INVALID_PARAMETER: typing.Final = "22023"  # pg_xact_status of an id the server has not given out yet
 
 
 class _NotYet(Exception):  # noqa: N818 - a signal inside the resolution loop, never raised to callers
@@ -293,41 +381,37 @@ def _ask_the_server(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdi
 def _status(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdict:
     try:
         connection = pool.connect()
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means: not yet
-        raise _NotYet(_CANNOT_CONNECT, exc) from None
-    try:
-        return _judge(identity, xid, _fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"), connection)
+        try:
+            return _judge(identity, xid, connection)
+        finally:
+            connection.invalidate()  # never back into a pool: this one is thrown away
     except _NotYet:
         raise
-    except Exception as exc:  # noqa: BLE001 - the connection broke while asking: not yet
-        raise _NotYet(_CANNOT_ASK, exc) from None
-    finally:
-        connection.invalidate()  # never back into a pool: this one is thrown away
+    except Exception as exc:  # noqa: BLE001 - no connection, or it broke while asking: not yet
+        raise _NotYet(_NO_ANSWER, exc) from None
 
 
-def _judge(identity: _Identity, xid: str, row: tuple[typing.Any, ...], connection: PoolProxiedConnection) -> _Verdict:
-    now = _Identity(*row)
+def _judge(identity: _Identity, xid: str, connection: PoolProxiedConnection) -> _Verdict:
+    now = _Identity(*_fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"))
     if now.system != identity.system or now.timeline != identity.timeline:
         return _Verdict(applied=None, reason="another server or timeline answers now (a failover?)")
     if not xid.isdigit():  # pragma: no cover - the server gave it as a number
         return _Verdict(applied=None, reason=f"unexpected transaction id {xid!r}")
-    next_xid, status = _fetch_row(
-        connection,
-        f"SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text, "
-        f"CASE WHEN pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) > '{xid}'::xid8 "
-        f"THEN pg_catalog.pg_xact_status('{xid}'::xid8) END",
-    )
-    if status is None and int(next_xid) <= int(xid):
-        # The id was never made durable (lost in a crash): the transaction cannot have committed.
-        return _Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
+    try:
+        (status,) = _fetch_row(connection, f"SELECT pg_catalog.pg_xact_status('{xid}'::xid8)")
+    except Exception as exc:
+        if sqlstate_on_chain(exc) == _INVALID_PARAMETER and "in the future" in str(exc):
+            # At or past the server's next id: it never became durable (lost in a crash), so it cannot
+            # have committed. (A snapshot's xmax is no substitute: it lags behind transactions in progress.)
+            return _Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
+        raise  # pragma: no cover - any other failure while asking: asked again (``_status``)
     if status == "in progress":
         raise _NotYet("transaction " + xid + " is still in progress")
     if status == "aborted":
         return _Verdict(applied=False, reason=f"transaction {xid} aborted")
     if status == "committed" and now.started == identity.started:
         return _Verdict(applied=True, reason=f"transaction {xid} committed")
-    if status == "committed":
-        # After a crash the id of a transaction whose WAL was never flushed is given out again: the
-        # answer may be another transaction's.
-        return _Verdict(applied=None, reason=f"the server restarted; transaction {xid} may be another one")
-    return _Verdict(applied=None, reason=f"the server no longer knows transaction {xid}")
+    # Committed after a restart: after a crash the id of a transaction whose WAL was never flushed is
+    # given out again, so the answer may be another transaction's. NULL: too old to be known any more.
+    restarted = f"the server restarted; transaction {xid} may be another one"
+    return _Verdict(applied=None, reason=restarted if status == "committed" else f"the server forgot {xid}")

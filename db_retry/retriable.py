@@ -41,6 +41,7 @@ AMBIGUOUS_SQLSTATES: typing.Final = frozenset({"08007"})  # transaction_resoluti
 # sends the same bytes again) nor codes this list does not know; 08007 is ambiguous (above).
 LOST_CONNECTION_SQLSTATES: typing.Final = frozenset({"08000", "08001", "08003", "08004", "08006"})
 PROTOCOL_VIOLATION: typing.Final = "08P01"
+_NO_ACTIVE_TRANSACTION: typing.Final = "25P01"
 # PgBouncer reports its own conditions as 08P01 with these messages (it has no codes of its own). The
 # first group means no server connection could be had, so the work never started.
 POOLER_UNAVAILABLE_MESSAGES: typing.Final = (
@@ -129,27 +130,41 @@ def _kind_without_code(exc: BaseException) -> ErrorKind | None:
 
 
 def leaves_connection_unusable(exc: BaseException) -> bool:
-    """Whether a driver error without a SQLSTATE left its connection in a state no later call can use."""
-    return any(
-        isinstance(link, asyncpg.InternalClientError) and not isinstance(link, asyncpg.TargetServerAttributeNotMatched)
-        for link in _chain(exc)
-    )
+    """Whether a driver error says its connection is in a state no later transaction on it can leave.
+
+    asyncpg's protocol state machine broke (``cannot switch to state``), or asyncpg still holds a
+    transaction whose ``BEGIN`` failed: every later ``BEGIN`` on that connection becomes a ``SAVEPOINT``
+    (``25P01`` outside a transaction block) or is refused as a nested transaction.
+    """
+    for link in _chain(exc):
+        if isinstance(link, asyncpg.InternalClientError) and not isinstance(
+            link, asyncpg.TargetServerAttributeNotMatched
+        ):
+            return True
+        if isinstance(link, asyncpg.InterfaceError) and "nested transaction has a different" in _message(link):
+            return True
+        if sqlstate_of(link) == _NO_ACTIVE_TRANSACTION and "savepoint can only be used" in _message(link):
+            return True
+    return False
 
 
-def _kind_of_link(exc: BaseException) -> ErrorKind | None:
-    if hasattr(exc, "db_retry_kind"):  # this package's own errors decide for themselves
+def _kind_of_link(exc: BaseException) -> tuple[ErrorKind | None, bool]:
+    """The kind one link reports, and whether it says so itself (a code, a type) or only by a flag."""
+    if hasattr(exc, "db_retry_kind"):  # this package's own errors, or what db_retry.engine learned of one
         own: ErrorKind | None = exc.db_retry_kind
-        return own
+        return own, True
     code = sqlstate_of(exc)
     if code is not None:
-        return _kind_of_code(code, exc)
+        return _kind_of_code(code, exc), True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return ErrorKind.OUTAGE
+        # Only a flag: a link below it (the driver's error) usually says more, e.g. PgBouncer's 08P01.
+        return ErrorKind.OUTAGE, False
     if isinstance(exc, ConnectionError):
         # A bare socket error only reaches us from connecting (refused, reset during the handshake):
         # once connected, the drivers report a lost connection as class 08 or an invalidated connection.
-        return ErrorKind.UNAVAILABLE
-    return _kind_without_code(exc)
+        return ErrorKind.UNAVAILABLE, True
+    kind = _kind_without_code(exc)
+    return kind, kind is not None
 
 
 def _chain(exc: BaseException) -> typing.Iterator[BaseException]:
@@ -175,16 +190,21 @@ def classify(exc: BaseException) -> ErrorKind | None:
     """The kind of failure ``exc`` reports, or ``None`` if it is not transient.
 
     An ambiguous commit anywhere on the chain wins over everything else (retrying it could apply
-    the work twice); otherwise the outermost transient link decides.
+    the work twice); otherwise the outermost link that says what happened (a SQLSTATE, a driver's
+    error type, this package's own errors) decides, and SQLAlchemy's ``connection_invalidated`` flag
+    only when no link does.
     """
-    found: ErrorKind | None = None
+    said: ErrorKind | None = None
+    flagged: ErrorKind | None = None
     for link in _chain(exc):
-        kind = _kind_of_link(link)
+        kind, itself = _kind_of_link(link)
         if kind is ErrorKind.AMBIGUOUS:
             return kind
-        if found is None:
-            found = kind
-    return found
+        if itself and said is None:
+            said = kind
+        elif not itself and flagged is None:
+            flagged = kind
+    return said if said is not None else flagged
 
 
 def is_retriable(exc: BaseException) -> bool:

@@ -25,7 +25,7 @@ async def proxied(
     await primary.execute("CREATE TABLE IF NOT EXISTS payments (id uuid PRIMARY KEY)")
     async with TcpProxy(primary.host, primary.port) as proxy:
         url = sa.make_url(primary.dsn(driver=request.param)).set(host=proxy.host, port=proxy.port)
-        engine = create_async_engine(url, poolclass=sa.NullPool)
+        engine = create_async_engine(url, pool_size=2)
         try:
             yield proxy, engine
         finally:

@@ -63,17 +63,19 @@ async def _count(nodes: Nodes, key: uuid.UUID) -> int:
     return sum(int(count) for count in counts)
 
 
-async def _warm(engine: AsyncEngine) -> None:
-    """Fill the pool: ``POOL_SIZE`` connections open at once, then all back in the pool."""
+async def _warm(engine: AsyncEngine) -> set[int]:
+    """Fill the pool: ``POOL_SIZE`` connections open at once, then all back in the pool; their backends."""
     barrier = asyncio.Barrier(POOL_SIZE)
 
-    async def hold() -> None:
+    async def hold() -> int:
         async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+            pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
             await barrier.wait()
+            return int(pid)
 
-    await asyncio.gather(*(hold() for _ in range(POOL_SIZE)))
+    pids = set(await asyncio.gather(*(hold() for _ in range(POOL_SIZE))))
     assert engine.sync_engine.pool.checkedin() == POOL_SIZE  # type: ignore[attr-defined]
+    return pids
 
 
 def _engine(url: sa.URL, driver: str) -> AsyncEngine:
@@ -158,7 +160,8 @@ async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bo
                 else:
                     await pay()
             except CommitOutcomeUnknownError as exc:
-                result = "unknown" if exc.__cause__ is not None else "unknown, the driver's error not chained"
+                chained = exc.__cause__ is not None and "may or may not have been committed" in str(exc)
+                result = "unknown" if chained else f"unknown, without the driver's error: {exc}"
             else:
                 result = "ok"
         finally:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry import CommitOutcomeUnknownError, postgres_retry
-from db_retry.engine import RESOLVE_OPTION, CommitNotAppliedError
+from db_retry.engine import _IDENTITY, RESOLVE_OPTION, CommitNotAppliedError
 from db_retry.retriable import ErrorKind, classify
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.proxy import FrontendMessage, ProxyMode, TcpProxy, query_starts_with
@@ -39,7 +39,8 @@ def _engine(node: PostgresNode, driver: str, *, through: TcpProxy | None = None,
     url = sa.make_url(node.dsn(driver=driver))
     if through is not None:
         url = url.set(host=through.host, port=through.port)
-    return create_async_engine(url, pool_size=2, **options)
+    options.setdefault("pool_size", 2)
+    return create_async_engine(url, **options)
 
 
 def _on_commit(proxy: TcpProxy, action: collections.abc.Callable[[], None]) -> None:
@@ -272,3 +273,135 @@ async def test_a_lost_commit_of_a_transaction_that_wrote_nothing_is_retried(
     assert len(seen) == 1
     assert isinstance(seen[0], CommitNotAppliedError)
     assert "wrote nothing" in "".join(seen[0].__notes__)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_commit_the_server_refused_behind_a_cut_is_known_not_applied(node: PostgresNode, driver: str) -> None:
+    # A deferred unique constraint fails the COMMIT on the server; the proxy cuts that answer away.
+    await node.execute(
+        "CREATE TABLE IF NOT EXISTS deferred (key uuid NOT NULL, UNIQUE (key) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    taken = uuid.uuid4()
+    await node.execute("INSERT INTO deferred VALUES ($1)", taken)
+    async with TcpProxy(node.host, node.port) as proxy:
+        engine = _engine(node, driver, through=proxy)
+        errors: list[BaseException] = []
+
+        @postgres_retry(resolve_commit=True, on_retry=lambda event: errors.append(event.error))
+        async def pay(key: uuid.UUID) -> None:
+            async with engine.begin() as connection:
+                await connection.execute(INSERT, {"key": key})
+                if not errors:
+                    await connection.execute(sa.text("INSERT INTO deferred VALUES (:key)"), {"key": taken})
+                    proxy.cut_after_query("COMMIT")
+
+        key = uuid.uuid4()
+        try:
+            await pay(key)
+        finally:
+            await engine.dispose()
+    assert [type(error) for error in errors] == [CommitNotAppliedError]
+    assert "aborted" in "".join(errors[0].__notes__)
+    assert "COMMIT was not applied" in str(errors[0])
+    assert await _stored(node, key) == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_commit_still_in_progress_is_asked_again(node: PostgresNode, driver: str) -> None:
+    # COMMIT waits for a synchronous standby; the proxy gives up on its answer and cuts. The server
+    # says "in progress" until the wait is lifted; then the transaction is committed, and said so.
+    await node.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    await node.execute("SELECT pg_reload_conf()")
+    async with TcpProxy(node.host, node.port, reply_timeout=0.2) as proxy:
+        engine = _engine(node, driver, through=proxy)
+
+        async def lift_when_cut() -> None:
+            while not proxy.cuts_fired:  # noqa: ASYNC110 - the proxy offers no event to wait on
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the resolution has asked at least once by now
+            await node.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            await node.execute("SELECT pg_reload_conf()")
+
+        @postgres_retry(resolve_commit=True)
+        async def pay(key: uuid.UUID) -> str:
+            async with AsyncSession(engine) as session, session.begin():
+                await session.execute(INSERT, {"key": key})
+                proxy.cut_after_query("COMMIT")
+            return "paid"
+
+        key = uuid.uuid4()
+        lifter = asyncio.ensure_future(lift_when_cut())
+        try:
+            assert await pay(key) == "paid"
+        finally:
+            await lifter
+            await engine.dispose()
+    assert await _stored(node, key) == 1
+
+
+async def test_no_answer_within_the_outage_budget_is_an_unknown_outcome(
+    node: PostgresNode,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DB_RETRY_OUTAGE_TIMEOUT", "0.3")
+    async with TcpProxy(node.host, node.port) as proxy:
+        engine = _engine(node, "asyncpg", through=proxy)
+
+        @postgres_retry(resolve_commit=True)
+        async def pay(key: uuid.UUID) -> None:
+            async with engine.begin() as connection:
+                await connection.execute(INSERT, {"key": key})
+                _on_commit(proxy, lambda: _refuse_new_connections(proxy))  # and never again
+
+        key = uuid.uuid4()
+        try:
+            with pytest.raises(CommitOutcomeUnknownError) as caught:
+                await pay(key)
+        finally:
+            await engine.dispose()
+    assert any("no answer within 0.3s" in note for note in caught.value.__notes__)
+    assert await _stored(node, key) == 1
+
+
+async def test_the_identity_is_read_once_per_connection_and_plain_commits_stay_plain(node: PostgresNode) -> None:
+    async with TcpProxy(node.host, node.port) as proxy:
+        engine = _engine(node, "psycopg", through=proxy, pool_size=1, max_overflow=0)
+        queries: list[str] = []
+
+        def note(message: FrontendMessage) -> bool:  # matches nothing: only lists what the client runs
+            queries.append(message.sql or "")
+            return False
+
+        proxy.cut_after(note, once=False)
+
+        @postgres_retry(resolve_commit=True)
+        async def pay(key: uuid.UUID) -> None:
+            async with engine.begin() as connection:
+                await connection.execute(INSERT, {"key": key})
+
+        try:
+            keys = [uuid.uuid4() for _ in range(3)]
+            for key in keys[:2]:
+                await pay(key)
+            async with engine.begin() as connection:  # not opted in: no extra query
+                await connection.execute(INSERT, {"key": keys[2]})
+        finally:
+            await engine.dispose()
+    asked = [sql for sql in queries if "pg_current_xact_id_if_assigned" in sql]
+    assert len(asked) == 2
+    assert "pg_control_system" in asked[0]
+    assert "pg_control_system" not in asked[1]  # the same connection: its server's identity is known
+    assert [await _stored(node, key) for key in keys] == [1, 1, 1]
+
+
+async def test_a_standby_answers_a_read_only_commit_without_caching_its_identity(pg_cluster: PostgresCluster) -> None:
+    engine = _engine(pg_cluster.standbys[0], "asyncpg", pool_size=1, execution_options={RESOLVE_OPTION: True})
+    try:
+        for _ in range(2):
+            async with engine.begin() as connection:
+                assert (await connection.execute(sa.text("SELECT pg_is_in_recovery()"))).scalar_one() is True
+        async with engine.connect() as connection:
+            # A standby that is promoted later would be another server: its identity is not kept.
+            assert _IDENTITY not in (await connection.get_raw_connection()).info
+    finally:
+        await engine.dispose()

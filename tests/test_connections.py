@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from db_retry import DSNError, NoHostAvailableError, build_connection_factory, build_db_dsn
-from db_retry.connections import TARGET_SESSION_ATTRS, _Connector
+from db_retry.connections import TARGET_SESSION_ATTRS, ConnectTimeoutError, _Connector
 from db_retry.dsn import HostPort
 from db_retry.retriable import ErrorKind, classify
 from db_retry.testing import PostgresCluster
@@ -154,8 +154,12 @@ async def test_a_lasting_failure_is_not_worth_waiting_for(pg_cluster: PostgresCl
 async def test_single_host_errors_propagate(refused_host: str, hanging_host: str) -> None:
     with pytest.raises(ConnectionRefusedError):
         await build_connection_factory(f"postgresql://u:p@{refused_host}/db", timeout=1)()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as caught:  # what asyncpg raises, still ...
         await build_connection_factory(f"postgresql://u:p@{hanging_host}/db?timeout=0.2", timeout=60)()
+    # ... but a connect timeout, unlike a query's, is worth waiting for (a proxy with no server behind it).
+    assert isinstance(caught.value, ConnectTimeoutError)
+    assert str(caught.value) == f"{hanging_host}: timed out after 0.2s"
+    assert classify(caught.value) is ErrorKind.UNAVAILABLE
 
 
 async def test_single_host_connects_with_the_dsn_arguments(pg_cluster: PostgresCluster) -> None:
@@ -259,11 +263,23 @@ async def test_timeout_in_the_dsn_is_the_connect_timeout(
         pg_cluster.standbys[0].start()
 
 
-async def test_a_url_object_and_a_unix_socket_default_are_accepted() -> None:
+async def test_a_url_object_and_a_unix_socket_default_are_accepted(
+    pg_cluster: PostgresCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     factory = build_connection_factory(sa.make_url("postgresql://u@/db?host=/nonexistent-dir&port=1"), timeout=1)
     with pytest.raises(OSError):  # noqa: PT011 - the OS decides: no such file, refused
         await factory()
-    assert callable(build_connection_factory("postgresql://u@/db", timeout=1))
+    # No host at all: asyncpg's defaults (PGHOST, the usual Unix socket directories, then localhost).
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.setenv("PGPORT", "1")
+    with pytest.raises(OSError):  # noqa: PT011 - nothing listens on port 1, on a socket or on localhost
+        await build_connection_factory("postgresql://u@/db", timeout=1)()
+    monkeypatch.setenv("PGHOST", pg_cluster.primary.host)
+    monkeypatch.setenv("PGPORT", str(pg_cluster.primary.port))
+    connection = await build_connection_factory("postgresql://postgres@/postgres", timeout=2)()
+    assert await connection.fetchval("SELECT current_database()") == "postgres"
+    await connection.close()
 
 
 @pytest.mark.parametrize(

@@ -218,3 +218,23 @@ def test_an_error_whose_str_fails_is_still_classified() -> None:
     protocol = Unprintable()
     protocol.sqlstate = "08P01"  # type: ignore[attr-defined]
     assert classify(protocol) is None
+
+
+def test_a_driver_error_says_more_than_the_invalidated_flag_above_it() -> None:
+    # PgBouncer's 08P01 on a connection SQLAlchemy invalidated: waiting for the server is right, not a
+    # counted outage (before, the flag on the outermost link decided).
+    wrapped = _wrapped_by_sqlalchemy(asyncpg.ProtocolViolationError("server login has been failing, try again later"))
+    wrapped.connection_invalidated = True
+    assert classify(wrapped) is ErrorKind.UNAVAILABLE
+    # With nothing below that says anything, the flag still decides.
+    assert classify(sa.exc.DBAPIError("SELECT 1", None, ValueError("?"), connection_invalidated=True)) is (
+        ErrorKind.OUTAGE
+    )
+
+
+def test_asyncpg_holding_a_failed_begin_leaves_its_connection_unusable() -> None:
+    assert leaves_connection_unusable(asyncpg.InterfaceError("nested transaction has a different isolation level"))
+    assert leaves_connection_unusable(
+        _wrapped_by_sqlalchemy(asyncpg.NoActiveSQLTransactionError("SAVEPOINT can only be used in transaction blocks")),
+    )
+    assert not leaves_connection_unusable(asyncpg.NoActiveSQLTransactionError("there is no transaction in progress"))

@@ -477,6 +477,7 @@ async def test_real_deadlock_between_two_sessions(engine: AsyncEngine) -> None:
 async def test_real_stale_pooled_connection_killed_by_the_server(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    # NullPool: a one-off admin connection, outside the engine under test, closed at once.
     async with create_async_engine(engine.url, poolclass=sa.NullPool).connect() as admin:
         await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     attempts: list[int] = []

@@ -39,7 +39,7 @@ async def engine(pg_dsn: str, request: pytest.FixtureRequest) -> collections.abc
 async def observer(
     engine: AsyncEngine,
 ) -> collections.abc.AsyncIterator[typing.Callable[[], typing.Awaitable[list[int]]]]:
-    """Reads committed rows through a connection of its own."""
+    """Reads committed rows through a connection of its own (NullPool: one-off, outside the engine under test)."""
     separate = create_async_engine(engine.url, poolclass=sa.NullPool)
 
     async def ids() -> list[int]:
@@ -180,6 +180,7 @@ async def test_recovers_from_a_killed_connection(
     session = AsyncSession(engine)
     await session.begin()
     pid = (await session.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+    # NullPool: a one-off admin connection, outside the engine under test.
     async with create_async_engine(engine.url, poolclass=sa.NullPool).connect() as admin:
         await admin.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     with pytest.raises(sa.exc.DBAPIError) as caught:
@@ -265,6 +266,7 @@ async def test_connection_lost_during_commit_is_outcome_unknown(
 
 
 async def _terminate_when_committing(engine: AsyncEngine, pid: int) -> None:
+    # NullPool: a one-off admin connection, outside the engine under test.
     async with create_async_engine(engine.url, poolclass=sa.NullPool).connect() as admin:
         for _ in range(500):
             state = (
