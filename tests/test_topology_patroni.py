@@ -22,16 +22,6 @@ from db_retry.testing.topology_fixtures import HAProxyFactory, PatroniFactory
 
 pytestmark = pytest.mark.standby
 
-# Library reasons this proof fails today (issue 11 item 2, the lead's): remove the mark when they are fixed.
-HAPROXY_REASONS = pytest.mark.xfail(
-    strict=True,
-    reason="through HAProxy: a connection that reaches the old leader before HAProxy marks it down gets "
-    "0A000 'cannot use serializable mode in a hot standby' (not a node-role error yet); the Transaction calls "
-    "then fail with 25P01 'SAVEPOINT can only be used in transaction blocks' and asyncpg InterfaceError 'nested "
-    "transaction has a different isolation level'; asyncpg's connect through HAProxy with no server up ends in "
-    "a bare TimeoutError, not classified as an outage",
-)
-
 WORKERS = 2  # per kind: 4 kinds (asyncpg / psycopg x Transaction / session.begin())
 
 
@@ -94,7 +84,6 @@ async def test_patroni_synchronous_mode_loses_no_acknowledged_commit_on_failover
     assert_holds(report)  # lost_to_replication == 0 too
 
 
-@HAPROXY_REASONS
 async def test_patroni_through_haproxy_rides_through_switchover_and_failover(
     patroni_cluster: PatroniFactory, haproxy: HAProxyFactory
 ) -> None:

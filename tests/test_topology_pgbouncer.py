@@ -29,8 +29,9 @@ POOL = 2 * WORKERS
 
 @pytest.mark.xfail(
     strict=True,
-    reason="library (issue 11 item 2, the lead's): PgBouncer's 08P01 'server login has been failing' and asyncpg's "
-    "08003 'server conn crashed?' during a server restart count as retries (3) rather than outage time",
+    reason="library: while the server restarts, PgBouncer's 'server login has been failing, try again later "
+    "(server_login_retry)' reaches asyncpg as 08003 'connection was closed in the middle of operation' (psycopg "
+    "gets 08P01, now classified), and 08003 is retried as counted attempts (3), which the restart outlasts",
 )
 async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
     fresh_cluster: ClusterFactory, pgbouncer: PgBouncerFactory
@@ -65,12 +66,6 @@ async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
     assert bouncer.log_tail()  # PgBouncer itself ran the whole time
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: 25006 now refreshes the pool, but it is retried as a counted attempt (3), not within the "
-    "outage budget; until the address moves (the promotion, under a second) new connections reach the read-only "
-    "old primary too, so a few calls (7 of ~500) fail with 25006",
-)
 async def test_moving_endpoint_with_sessions_kept(moving_endpoint: MovingEndpoint) -> None:
     old_primary = moving_endpoint.cluster.primary
     made = {
