@@ -27,7 +27,7 @@ from db_retry.testing import cluster as kit
 from db_retry.testing._binaries import PGBOUNCER, Component, MissingComponentError, find_program
 from db_retry.testing.cluster import ClusterError, KitProcess, PostgresNode, free_port
 from db_retry.testing.haproxy import HAProxy
-from db_retry.testing.patroni import PatroniCluster, _accepts_writes, _http
+from db_retry.testing.patroni import PatroniCluster, PatroniMember, _accepts_writes, _http
 from db_retry.testing.pgbouncer import PgBouncer
 from db_retry.testing.proxy import TcpProxy
 from db_retry.testing.pytest_plugin import ClusterFactory
@@ -387,3 +387,9 @@ async def test_helpers_report_silence(tmp_path: pathlib.Path) -> None:
         account=kit._Account.resolve(None),
     )
     assert not await _accepts_writes(nobody)  # refused: not a primary
+    # The waiting loop of a change of leader, with no member to take over: it gives up after its timeout.
+    empty = PatroniCluster.__new__(PatroniCluster)
+    empty.members = []
+    empty.name = "empty"
+    with pytest.raises(ClusterError, match=r"no other member took writes within 0\.1s of the test"):
+        await empty._transition("test", typing.cast("PatroniMember", None), time.monotonic(), 0.1)
