@@ -1,6 +1,6 @@
 # The package with its development tools, and the PostgreSQL server binaries the test kit and
 # `db-retry demo` start throwaway clusters from. docker-compose.yml runs the test suite in it against
-# its own primary and streaming replica (DB_DSN).
+# its own primary (DB_RETRY_TEST_DSN), after checking the primary and the streaming replica (DB_DSN).
 FROM python:3.11-slim-bookworm
 
 # Server binaries only: the kit makes its own clusters, so no default cluster is created. The package
@@ -18,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 WORKDIR /src
-# Dependencies first, so that editing tests or docs does not reinstall them.
+# The package (pyproject.toml, README.md as its long description, db_retry/) is installed before the
+# rest is copied: editing those reinstalls it; editing tests, benchmarks or architecture notes does not.
 COPY pyproject.toml README.md ./
 COPY db_retry ./db_retry
 RUN pip install -e '.[dev]'

@@ -404,7 +404,7 @@ async def wait_accepting(node: PostgresNode, *, timeout: float = 60.0) -> float:
     while True:
         began = time.monotonic()
         try:
-            connection = await asyncpg.connect(node.dsn(), timeout=1.0)
+            connection = await asyncpg.connect(node.dsn(driver=None), timeout=1.0)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if loop.time() >= deadline:
                 msg = f"{node.name} not accepting connections {timeout:g}s after a restart: {exc!r}"

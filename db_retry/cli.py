@@ -1,30 +1,58 @@
-"""The ``db-retry`` command line.
-
-A subcommand is a function that takes the subparsers object, adds its own parser and sets a
-``handler`` default: a function of the parsed arguments that returns the exit status. Listing that
-function in :data:`COMMANDS` is all it takes to wire it in.
-"""
+"""The ``db-retry`` command line: ``db-retry check`` and ``db-retry demo``, as plain argparse subparsers."""
 
 import argparse
 import collections.abc
 import importlib.metadata
 import sys
+import textwrap
 import typing
 
-from db_retry.demo import add_demo_command
-from db_retry.health import add_check_command
+from db_retry import demo, health
+from db_retry.validation import number_argument
 
 
-__all__ = ["COMMANDS", "Handler", "Registrar", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 DISTRIBUTION: typing.Final = "db-retry"
 
-Handler: typing.TypeAlias = collections.abc.Callable[[argparse.Namespace], int]
-SubParsers: typing.TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # noqa: SLF001 - typeshed's name
-Registrar: typing.TypeAlias = collections.abc.Callable[[SubParsers], None]
+CHECK_DESCRIPTION: typing.Final = """\
+Probe every host of DSN at once and print reachability, connect latency, role,
+server version and replication lag, and which host each target_session_attrs
+value would pick. DSN is a URL (postgresql://user:password@host:5432/db, several
+hosts as ?host=h1:5432&host=h2:5432) or a libpq connection string
+('host=h1,h2 port=5432,5432 dbname=db user=app').
 
-# Subcommands in the order `--help` lists them.
-COMMANDS: tuple[Registrar, ...] = (add_demo_command, add_check_command)
+The lag columns, for standbys (a primary shows -):
+  LAG BYTES   WAL the primary has written that this standby has not replayed
+              yet (needs a reachable primary in the DSN)
+  UNREPLAYED  WAL this standby has received but not replayed yet, in bytes
+  LAG S       seconds since the last replayed commit; 0 when everything
+              received is replayed (an idle primary is not lag)
+
+Exit status: 0 when some host satisfies the DSN's target_session_attrs, 1 when
+none does, 2 on a malformed DSN or bad options."""
+
+DEMO_DESCRIPTION: typing.Final = f"""\
+Start a throwaway PostgreSQL primary and streaming standby on loopback ports,
+run bank transfers through db-retry (SERIALIZABLE transactions, retries, a
+multi-host read-write connection) for --duration seconds while the --faults are
+injected one after another, then check that no money was lost or created and
+that every transfer reported as done is in the ledger exactly once. Needs the
+PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup); the
+servers are stopped at the end.
+
+Faults: {", ".join(demo.FAULTS)}.
+Ctrl-C stops the faults and prints the report so far, with the invariant check.
+
+Exit status: 0 when the invariant holds, 1 when it breaks, 2 on bad options or
+missing server binaries, 130 after Ctrl-C."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; option help wrapped between words only (never inside ``restart-fast``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
 
 
 def _version() -> str:
@@ -32,6 +60,64 @@ def _version() -> str:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree on sys.path, never installed
         return "unknown"
+
+
+def _add_check(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="probe every host of a DSN: reachable, latency, role, version, replication lag",
+        description=CHECK_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("dsn", metavar="DSN", help="a PostgreSQL URL or libpq connection string, one host or several")
+    parser.add_argument(
+        "--timeout",
+        type=number_argument(unit="seconds"),
+        default=health.DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"connect timeout of each host in seconds (default {health.DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=health.run_check)
+
+
+def _add_demo(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run transfers through the library on a throwaway cluster while injecting faults",
+        description=DEMO_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--duration",
+        type=number_argument(unit="seconds"),
+        default=demo.DEFAULT_DURATION,
+        metavar="S",
+        help="how long the transfers run, in seconds (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=number_argument(minimum=1, inclusive=True, integer=True),
+        default=demo.DEFAULT_WORKERS,
+        metavar="N",
+        help="concurrent callers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=number_argument(minimum=2, inclusive=True, integer=True),
+        default=demo.DEFAULT_ACCOUNTS,
+        metavar="N",
+        help="accounts money moves between (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--faults",
+        default=",".join(demo.FAULTS),
+        metavar="LIST",
+        help=f"faults to inject, comma-separated, in order, from: {', '.join(demo.FAULTS)} (default: all four); "
+        "an empty string for none",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
+    parser.set_defaults(handler=demo.run_demo_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    if COMMANDS:
-        subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-        for register in COMMANDS:
-            register(subparsers)
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_check(subparsers)
+    _add_demo(subparsers)
     return parser
 
 
@@ -54,7 +139,7 @@ def main(argv: collections.abc.Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
+    handler: collections.abc.Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return 2

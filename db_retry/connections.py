@@ -10,7 +10,6 @@ details.
 import asyncio
 import dataclasses
 import logging
-import os
 import random
 import socket
 import typing
@@ -21,6 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
 from db_retry.dsn import DSNError, HostPort, dsn_hosts, mask_dsn, parse_url
 from db_retry.retriable import ErrorKind, classify
+from db_retry.validation import check_number, describe_error
 
 
 if typing.TYPE_CHECKING:
@@ -123,16 +123,6 @@ async def session_role(connection: ConnectionType) -> _Role:
     return _Role(hot_standby=hot_standby, read_only=read_only)
 
 
-def _describe_error(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"timed out after {timeout:g}s"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name: {str(exc.strerror).lower()}"
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno).lower()
-    return f"{type(exc).__name__}: {exc}"
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionPlan:
     """Everything a connect needs, checked once when the factory is built."""
@@ -154,7 +144,7 @@ class ConnectionPlan:
             raise DSNError(msg)
         for key in _TIMEOUT_KEYS:
             if key in query:
-                timeout = _positive(query.pop(key), f"{key} in the DSN")
+                timeout = check_number(f"{key} in the DSN", query.pop(key), unit="seconds", from_text=True)
         for key in (*_HOST_KEYS, *_ADAPTER_KEYS):
             query.pop(key, None)
         # SQLAlchemy's asyncpg dialect turns the rest (user, password, database, ssl, ...) into connect args.
@@ -173,36 +163,30 @@ class ConnectionPlan:
             connect_args=connect_args,
             hosts=hosts,
             target_session_attrs=requirement,
-            timeout=_positive(timeout, "timeout"),
-            stagger=_positive(stagger, "stagger", allow_zero=True),
+            timeout=check_number("timeout", timeout, unit="seconds"),
+            stagger=check_number("stagger", stagger, inclusive=True, unit="seconds"),
         )
 
 
 def _number(text: str, key: str, *, integer: bool) -> float:
+    """A numeric asyncpg option given as text in the DSN: a count >= 0, or a number of seconds > 0."""
     try:
-        return int(text) if integer else float(text)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        msg = f"{key} in the DSN must be {kind}, got {text!r}"
-        raise DSNError(msg) from None
+        return check_number(
+            f"{key} in the DSN",
+            text,
+            inclusive=integer,
+            integer=integer,
+            unit=None if integer else "seconds",
+            from_text=True,
+        )
+    except ValueError as exc:
+        raise DSNError(str(exc)) from None
 
 
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, socket.gaierror):
         return error.errno not in _LASTING_RESOLVE_ERRORS
     return isinstance(error, (OSError, TimeoutError)) or classify(error) is not None
-
-
-def _positive(value: object, name: str, *, allow_zero: bool = False) -> float:
-    try:
-        number = float(typing.cast("typing.SupportsFloat", value))
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not (number >= 0 if allow_zero else number > 0) or number == float("inf"):
-        bound = ">= 0" if allow_zero else "> 0"
-        msg = f"{name} must be a number of seconds {bound}, got {value!r}"
-        raise ValueError(msg)
-    return number
 
 
 class _Connector:
@@ -299,7 +283,11 @@ class _Connector:
                         failures.append(
                             HostFailure(
                                 address,
-                                _describe_error(error, self.plan.timeout),
+                                describe_error(
+                                    error,
+                                    timeout=self.plan.timeout,
+                                    password=self.plan.connect_args.get("password"),
+                                ),
                                 transient=_is_transient(error),
                                 error=error,
                             ),

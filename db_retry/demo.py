@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import random
+import signal
 import sys
 import time
 import typing
@@ -26,23 +27,50 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry.connections import build_connection_factory
-from db_retry.retriable import sqlstate_on_chain
+from db_retry.retriable import ErrorKind, sqlstate_on_chain
 from db_retry.retry import RetryEvent, postgres_retry
 from db_retry.testing import faults
 from db_retry.testing._binaries import PostgresBinariesNotFoundError
 from db_retry.testing.cluster import ClusterError, PostgresCluster
 from db_retry.transaction import CommitOutcomeUnknownError, Transaction
-
-
-if typing.TYPE_CHECKING:
-    from db_retry.cli import SubParsers
+from db_retry.validation import check_number
 
 
 FAULTS: typing.Final = ("terminate", "restart-fast", "restart-immediate", "failover")
 INITIAL_BALANCE: typing.Final = 1_000
 DEFAULT_DURATION: typing.Final = 30.0
+INTERRUPTED: typing.Final = 130  # the shell's status for a command ended by SIGINT
 DEFAULT_WORKERS: typing.Final = 8
 DEFAULT_ACCOUNTS: typing.Final = 5_000  # spread over many index pages: SSI locks btree pages, not rows
+# What the retry counts are keyed by: the SQLSTATE of the error, or, when it carries none, the kind of failure.
+RETRY_CAUSES: typing.Final[typing.Mapping[str, str]] = {
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+    "08000": "connection exception",
+    "08001": "cannot connect",
+    "08003": "connection does not exist",
+    "08006": "connection failure",
+    "25006": "read-only transaction (a write on a standby)",
+    "53300": "too many connections",
+    "57P01": "server terminated the session (admin shutdown)",
+    "57P02": "server crashed (crash shutdown)",
+    "57P03": "server cannot accept connections yet",
+    ErrorKind.CONFLICT.value: "a kind: a conflict, no SQLSTATE",
+    ErrorKind.OUTAGE.value: "a kind: connection lost, no SQLSTATE: reset, closed, invalidated",
+    ErrorKind.UNAVAILABLE.value: "a kind: no server reachable, no SQLSTATE: refused, no host fits",
+}
+# Money moved per account, from one pass over the ledger (no per-account subqueries: linear in the ledger).
+LEDGER_MISMATCHES: typing.Final = """
+WITH moved AS (
+    SELECT src AS id, -amount AS delta FROM ledger
+    UNION ALL
+    SELECT dst, amount FROM ledger
+), net AS (
+    SELECT id, sum(delta) AS delta FROM moved GROUP BY id
+)
+SELECT count(*) FROM accounts a LEFT JOIN net n ON n.id = a.id
+WHERE a.balance <> :initial + coalesce(n.delta, 0)
+"""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,11 +86,10 @@ class DemoConfig:
         if unknown:
             msg = f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}"
             raise ValueError(msg)
-        if self.duration <= 0 or self.workers < 1 or self.accounts < 2:  # noqa: PLR2004
-            msg = (
-                f"need duration > 0, workers >= 1, accounts >= 2; got {self.duration}, {self.workers}, {self.accounts}"
-            )
-            raise ValueError(msg)
+        check_number("duration", self.duration, unit="seconds")
+        check_number("workers", self.workers, minimum=1, inclusive=True, integer=True)
+        check_number("accounts", self.accounts, minimum=2, inclusive=True, integer=True)
+        check_number("progress_interval", self.progress_interval, unit="seconds")
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,10 +133,12 @@ class DemoReport:
     faults: list[FaultRecord]
     invariants: InvariantReport
     duration: float
+    interrupted: bool = False  # Ctrl-C ended the run early: the report covers the run so far
 
     def as_dict(self) -> dict[str, typing.Any]:
         return {
             "duration_s": round(self.duration, 3),
+            "interrupted": self.interrupted,
             "transfers": {
                 "ok": len(self.outcomes.ok),
                 "failed": len(self.outcomes.failed),
@@ -195,14 +224,7 @@ async def check_invariants(engine: AsyncEngine, workload: TransferWorkload) -> I
         total = int((await connection.execute(sa.text("SELECT sum(balance) FROM accounts"))).scalar_one())
         mismatches = (
             await connection.execute(
-                sa.text(
-                    """
-                    SELECT count(*) FROM accounts a
-                    WHERE a.balance <> :initial
-                        - coalesce((SELECT sum(amount) FROM ledger WHERE src = a.id), 0)
-                        + coalesce((SELECT sum(amount) FROM ledger WHERE dst = a.id), 0)
-                    """,
-                ),
+                sa.text(LEDGER_MISMATCHES),
                 {"initial": INITIAL_BALANCE},
             )
         ).scalar_one()
@@ -226,19 +248,22 @@ class _Chaos:
         self.workload = workload
         self.names = names
         self.records: list[FaultRecord] = []
-        self.current = "none"
+        self.current: str | None = None
+
+    @staticmethod
+    def schedule(names: tuple[str, ...], duration: float) -> list[tuple[float, str]]:
+        """When each fault is due, seconds from the start (each waits for the one before to finish)."""
+        gap = duration / (len(names) + 1)
+        return [(gap * (index + 1), name) for index, name in enumerate(names)]
 
     async def run(self, duration: float) -> None:
-        if not self.names:
-            return
-        gap = duration / (len(self.names) + 1)
-        for name in self.names:
-            await asyncio.sleep(gap)
+        for due, name in self.schedule(self.names, duration):
+            await asyncio.sleep(max(0.0, due - self.workload.clock()))
             record = FaultRecord(name=name, started=self.workload.clock())
             self.records.append(record)
             self.current = name
             await self._inject(name)
-            self.current = "none"
+            self.current = None
 
     async def _inject(self, name: str) -> None:
         primary = self.cluster.primary
@@ -253,18 +278,36 @@ class _Chaos:
             await faults.rebuild_as_standby(self.cluster, primary)
 
 
+def _retry_counts(retries: collections.Counter[str]) -> str:
+    return ", ".join(f"{cause}={count}" for cause, count in sorted(retries.items())) or "none"
+
+
 class _Progress:
+    """One line per tick; the fault column names every fault that started since the last line."""
+
     def __init__(self, stream: typing.TextIO, workload: TransferWorkload, chaos: _Chaos) -> None:
         self.stream = stream
         self.workload = workload
         self.chaos = chaos
+        self.shown = 0  # faults already named by an earlier line
+
+    def faults_since_last_line(self) -> str:
+        names = [record.name for record in self.chaos.records[self.shown :]]
+        self.shown = len(self.chaos.records)
+        current = self.chaos.current
+        if current is not None:
+            if names:
+                names[-1] = f"{names[-1]} (running)"
+            else:
+                names.append(f"{current} (still running)")
+        return ", ".join(names) or "-"
 
     def line(self) -> str:
         outcomes = self.workload.outcomes
-        retries = ", ".join(f"{cause}={count}" for cause, count in sorted(outcomes.retries.items())) or "none"
         return (
             f"[{self.workload.clock():5.1f}s] ok={len(outcomes.ok)} failed={len(outcomes.failed)} "
-            f"unknown={len(outcomes.unknown)} retries: {retries} | fault: {self.chaos.current}"
+            f"unknown={len(outcomes.unknown)} retries: {_retry_counts(outcomes.retries)} "
+            f"| fault: {self.faults_since_last_line()}"
         )
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
@@ -274,24 +317,86 @@ class _Progress:
                 await asyncio.wait_for(stop.wait(), interval)
 
 
+def format_header(config: DemoConfig, cluster: PostgresCluster) -> str:
+    """What the demo starts, for how long and with which faults, and how to read its lines."""
+    nodes = ", ".join(f"{node.name} {node.address}" for node in cluster.nodes)
+    if config.faults:
+        schedule = ", ".join(f"{name} at ~{due:.0f}s" for due, name in _Chaos.schedule(config.faults, config.duration))
+    else:
+        schedule = "none"
+    return "\n".join(
+        [
+            (
+                f"db-retry demo: {config.workers} workers transfer money between {config.accounts} accounts "
+                f"for {config.duration:g}s"
+            ),
+            f"servers: {nodes} (throwaway, stopped at the end)",
+            f"faults: {schedule}",
+            "each line: transfers ok / failed / outcome unknown so far, retries, faults started since the last line",
+            (
+                "retries are counted by SQLSTATE (40001 serialization failure, 40P01 deadlock, 08xxx connection lost, "
+                "57P01 session terminated, 57P02 crash) or, for errors without one, by kind (outage: connection "
+                "lost; unavailable: no server reachable); the report names each"
+            ),
+            "Ctrl-C stops the faults and prints the report so far",
+            "",
+        ],
+    )
+
+
 async def run_demo(
     config: DemoConfig,
     *,
     stream: typing.TextIO = sys.stdout,
     cluster: PostgresCluster | None = None,
+    interrupt: asyncio.Event | None = None,
 ) -> DemoReport:
-    """Run the workload under faults on ``cluster`` (default: a new primary + standby) and check invariants."""
+    """Run the workload under faults on ``cluster`` (default: a new primary + standby) and check invariants.
+
+    Setting ``interrupt`` ends the run early: the faults and transfers in flight are cancelled and
+    the report covers the run so far (``interrupted=True``), invariant check included.
+    """
     own = cluster is None
     if cluster is None:
         cluster = await asyncio.to_thread(PostgresCluster(standbys=1, name="demo").start)
     try:
-        return await _run(config, cluster, stream)
+        return await _run(config, cluster, stream, interrupt or asyncio.Event())
     finally:
         if own:
             await asyncio.to_thread(cluster.stop)
 
 
-async def _run(config: DemoConfig, cluster: PostgresCluster, stream: typing.TextIO) -> DemoReport:
+async def _until_done_or_interrupted(work: asyncio.Task[None], interrupt: asyncio.Event) -> bool:
+    """Wait for ``work``; on ``interrupt`` cancel it instead. Whether the run was interrupted."""
+    interrupted = asyncio.create_task(interrupt.wait())
+    try:
+        await asyncio.wait([work, interrupted], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+    if not work.done():
+        work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    return interrupt.is_set()
+
+
+async def _stop(stop: asyncio.Event, tasks: list[asyncio.Task[None]], *, cancel: bool) -> None:
+    """Stop the workers and the reporter; after Ctrl-C without waiting for transfers in flight.
+
+    A transfer in flight may be retrying through an outage for a while. A cancelled one is neither
+    ok nor failed, and the invariants hold either way.
+    """
+    stop.set()
+    if cancel:
+        for task in tasks:
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _run(
+    config: DemoConfig, cluster: PostgresCluster, stream: typing.TextIO, interrupt: asyncio.Event
+) -> DemoReport:
+    print(format_header(config, cluster), file=stream, flush=True)
     url = sa.make_url(cluster.multihost_dsn(target_session_attrs="read-write"))
     engine = create_async_engine(
         url,
@@ -312,19 +417,29 @@ async def _run(config: DemoConfig, cluster: PostgresCluster, stream: typing.Text
             for _ in range(config.workers)
         ]
         reporter = asyncio.create_task(progress.run(stop, config.progress_interval))
-        try:
+
+        async def faults_then_the_rest() -> None:
             await chaos.run(config.duration)
             await asyncio.sleep(max(0.0, config.duration - workload.clock()))
+
+        try:
+            interrupted = await _until_done_or_interrupted(asyncio.create_task(faults_then_the_rest()), interrupt)
         finally:
-            stop.set()
-            await asyncio.gather(*workers, reporter)
+            await _stop(stop, [*workers, reporter], cancel=interrupt.is_set())
         _measure_time_lost(chaos.records, workload.outcomes.commit_times, workload.clock())
         print(progress.line(), file=stream, flush=True)
-        invariants = await check_invariants(engine, workload)
+        if interrupted:
+            print(f"interrupted at {workload.clock():.1f}s: faults stopped, checking the invariant", file=stream)
+        # Retried: Ctrl-C may have come while a fault had a server down.
+        invariants = await postgres_retry(check_invariants)(engine, workload)
     finally:
         await engine.dispose()
     return DemoReport(
-        outcomes=workload.outcomes, faults=chaos.records, invariants=invariants, duration=workload.clock()
+        outcomes=workload.outcomes,
+        faults=chaos.records,
+        invariants=invariants,
+        duration=workload.clock(),
+        interrupted=interrupted,
     )
 
 
@@ -343,6 +458,9 @@ def _measure_time_lost(records: list[FaultRecord], commit_times: list[float], en
 def format_report(report: DemoReport) -> str:
     outcomes = report.outcomes
     rows = [
+        ("run", f"{report.duration:.1f}s" + (", interrupted (Ctrl-C): the run so far" if report.interrupted else ""))
+    ]
+    rows += [
         ("transfers ok", str(len(outcomes.ok))),
         ("transfers failed", str(len(outcomes.failed))),
         ("transfers outcome-unknown", str(len(outcomes.unknown))),
@@ -351,7 +469,10 @@ def format_report(report: DemoReport) -> str:
         (f"  failed with {cause}", str(count))
         for cause, count in sorted(collections.Counter(outcomes.failed.values()).items())
     ]
-    rows += [(f"retries {cause}", str(count)) for cause, count in sorted(outcomes.retries.items())]
+    rows += [
+        (f"retries {cause}", f"{count}  ({RETRY_CAUSES.get(cause, 'other')})")
+        for cause, count in sorted(outcomes.retries.items())
+    ]
     for record in report.faults:
         lost = "no commit since" if record.time_lost is None else f"{record.time_lost * 1000:.0f} ms"
         rows.append((f"fault {record.name} at {record.started:.1f}s", f"time lost {lost}"))
@@ -368,41 +489,50 @@ def format_report(report: DemoReport) -> str:
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-def add_demo_command(subparsers: "SubParsers") -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="run transfers through the library on a throwaway cluster while injecting faults",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
-    )
-    parser.add_argument("--duration", type=float, default=DEFAULT_DURATION, help="seconds (default: %(default)s)")
-    parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="concurrent callers (default: %(default)s)"
-    )
-    parser.add_argument("--accounts", type=int, default=DEFAULT_ACCOUNTS, help="accounts (default: %(default)s)")
-    parser.add_argument(
-        "--faults",
-        default=",".join(FAULTS),
-        help="comma-separated, in order, from: %(default)s; empty for none",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run_demo_command)
-
-
 def run_demo_command(args: argparse.Namespace) -> int:
+    """Run ``db-retry demo``: 0 when the invariant holds, 1 when it breaks, 2 on bad input, 130 on Ctrl-C."""
     try:
         config = DemoConfig(
             duration=args.duration,
             workers=args.workers,
             accounts=args.accounts,
-            faults=tuple(name for name in args.faults.split(",") if name),
+            faults=tuple(name.strip() for name in args.faults.split(",") if name.strip()),
         )
     except ValueError as exc:
         print(f"db-retry demo: {exc}", file=sys.stderr)  # noqa: T201 - the command's output
         return 2
     try:
-        report = asyncio.run(run_demo(config, stream=sys.stderr if args.json else sys.stdout))
+        report = asyncio.run(_run_until_ctrl_c(config, sys.stderr if args.json else sys.stdout))
     except (PostgresBinariesNotFoundError, ClusterError) as exc:
         print(f"db-retry demo: {exc}", file=sys.stderr)  # noqa: T201 - the command's output
         return 2
-    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))  # noqa: T201 - the command's output
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C while wrapping up; the kit stops its servers
+        print("db-retry demo: interrupted again; stopping", file=sys.stderr)  # noqa: T201 - the command's output
+        return INTERRUPTED
+    return print_report(report, as_json=args.json)
+
+
+def print_report(report: DemoReport, *, as_json: bool = False) -> int:
+    """Print the report (a table, or JSON) and return the exit status: 130 after Ctrl-C, else 0 or 1."""
+    print(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))  # noqa: T201 - the command's output
+    if report.interrupted:
+        return INTERRUPTED
     return 0 if report.invariants.holds else 1
+
+
+async def _run_until_ctrl_c(config: DemoConfig, stream: typing.TextIO) -> DemoReport:
+    """:func:`run_demo` with SIGINT setting its ``interrupt`` (a second one raises ``KeyboardInterrupt``)."""
+    loop = asyncio.get_running_loop()
+    interrupt = asyncio.Event()
+
+    def on_sigint() -> None:
+        if interrupt.is_set():  # pragma: no cover - a second Ctrl-C during the wrap-up: timing, not behaviour
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        interrupt.set()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await run_demo(config, stream=stream, interrupt=interrupt)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

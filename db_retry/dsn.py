@@ -1,23 +1,49 @@
-"""DSN helpers: set the database, driver and ``target_session_attrs``; find the hosts a DSN names.
+"""DSN helpers: parse a DSN, set its database, driver and ``target_session_attrs``, find its hosts.
 
-Parsing is SQLAlchemy's (:func:`sqlalchemy.make_url`); this module only adds what it lacks for
-PostgreSQL multi-host DSNs: hosts without ports, IPv6 hosts in ``host=`` entries and libpq's
-``h1:p1,h2:p2`` netloc form.
+A DSN is a URL (``postgresql://user:password@host:5432/db``, SQLAlchemy's or libpq's forms) or a
+libpq connection string of ``key=value`` pairs (``host=a,b port=5432,5433 dbname=db user=app``,
+what psycopg users have). :func:`parse_url` is the one place that turns either into a
+:class:`sqlalchemy.URL`: parsing is SQLAlchemy's (:func:`sqlalchemy.make_url`); this module only
+adds what it lacks for PostgreSQL: ``key=value`` strings, hosts without ports, IPv6 hosts in
+``host=`` entries, libpq's ``h1:p1,h2:p2`` netloc form, the ``postgres://`` scheme, and errors
+that name the bad part. :func:`mask_dsn` hides every password in any text, parsed or not.
 """
 
+import contextlib
 import dataclasses
 import re
 import typing
+import urllib.parse
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError
 
 
 DEFAULT_PORT: typing.Final = 5432
-# SQLAlchemy lets a password hold anything up to the last "@" ("/", "?" and "#" included): mask that much.
-_PASSWORD_IN_NETLOC: typing.Final = re.compile(r"(?P<head>://[^:/@]*:).*(?P<tail>@)", re.DOTALL)
-_PASSWORD_IN_QUERY: typing.Final = re.compile(r"(?P<head>[?&]password=)[^&#]*", re.IGNORECASE)
-_NETLOC: typing.Final = re.compile(r"^(?P<scheme>[^:/?#]+://)(?P<netloc>[^/?#]*)(?P<rest>.*)$", re.DOTALL)
+EXPECTED: typing.Final = (
+    "expected a URL such as postgresql://user:password@host:5432/database or libpq key=value pairs "
+    "such as 'host=db port=5432 dbname=app user=app'"
+)
+_SCHEME: typing.Final = re.compile(r"^[A-Za-z][\w+.-]*:")
+_SCHEME_AND_SLASHES: typing.Final = re.compile(r"^\s*[A-Za-z][\w+.-]*:/+")
+# SQLAlchemy's own split of a URL: user, ":" password up to an "@", then host[:port] up to "/" or "?".
+_AUTHORITY: typing.Final = re.compile(
+    r"^(?P<scheme>[\w+]+://)(?P<userinfo>[^:/]*(?::[^@]*)?@)?(?P<hosts>[^/?]*)(?P<rest>.*)$", re.DOTALL
+)
+# A key=value entry that starts the text or follows whitespace (libpq) and one that follows ?, & or ; (a
+# URL query). Keys may be percent-encoded; a libpq value may be quoted (and an unterminated quote runs on);
+# words without "=" after a bare libpq value are taken as part of it (a password with an unquoted space).
+_CONNINFO_ENTRY: typing.Final = re.compile(
+    r"(?P<head>(?:^|(?<=\s))(?P<key>[\w%.-]+)\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'?|(?:\\.|\S)*(?:\s+[^\s=]+(?=\s|$)(?!\s*=))*)",
+    re.DOTALL,
+)
+# One pair of a libpq connection string: key = value, the value bare or single-quoted, with \ escapes.
+_CONNINFO_PAIR: typing.Final = re.compile(
+    r"\s*(?P<key>[^\s=']+)\s*=\s*(?:'(?P<quoted>(?:[^'\\]|\\.)*)'|(?P<plain>(?:[^\s'\\]|\\.)*))", re.DOTALL
+)
+_QUERY_ENTRY: typing.Final = re.compile(r"(?P<head>(?<=[?&;])(?P<key>[\w%.+-]+)=)(?P<value>[^&#]*)")
+_POSTGRESQL_SCHEMES: typing.Final = "postgresql://, postgresql+asyncpg:// or postgresql+psycopg://"
 
 
 class DSNError(ArgumentError, ValueError):
@@ -33,47 +59,171 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _mask_entry(match: re.Match[str]) -> str:
+    if urllib.parse.unquote(match["key"]).lower().endswith("password"):  # password, sslpassword
+        return f"{match['head']}***"
+    return match[0]
+
+
+def _mask_userinfo(text: str) -> str:
+    """Mask from the first ``:`` of the user part to the last ``@``: a password may hold anything, even ``@``."""
+    at = text.rfind("@")
+    if at < 0:
+        return text
+    scheme = _SCHEME_AND_SLASHES.match(text, 0, at)
+    colon = text.find(":", scheme.end() if scheme else 0, at)
+    return text if colon < 0 else f"{text[: colon + 1]}***{text[at:]}"
+
+
 def mask_dsn(dsn: str | sa.URL) -> str:
-    """``dsn`` as text with its password replaced by ``***`` (in the netloc and in a ``password=`` entry)."""
-    text = dsn.render_as_string(hide_password=True) if isinstance(dsn, sa.URL) else dsn
-    masked = _PASSWORD_IN_NETLOC.sub(r"\g<head>***\g<tail>", text)
-    return _PASSWORD_IN_QUERY.sub(r"\g<head>***", masked)
+    """``dsn`` as text with every password replaced by ``***``, whether or not it parses.
+
+    Masks the user-info password of a URL (with or without ``//``), ``password=`` and
+    ``sslpassword=`` entries of a URL query or a libpq ``key=value`` string (quoted or not,
+    percent-encoded keys too). What cannot be told apart from a password is masked as well.
+    """
+    text = dsn.render_as_string(hide_password=True) if isinstance(dsn, sa.URL) else str(dsn)
+    text = _CONNINFO_ENTRY.sub(_mask_entry, text)
+    text = _QUERY_ENTRY.sub(_mask_entry, text)
+    return _mask_userinfo(text)
+
+
+def _not_a_url(text: str) -> DSNError:
+    """What is wrong with text SQLAlchemy cannot parse, without echoing it: nothing tells where its password is."""
+    scheme = re.match(r"\s*(?P<name>[A-Za-z][\w+.-]*)(?P<colon>:/*)?", text)
+    if scheme is not None and scheme["colon"]:
+        detail = f"'//' must follow {scheme['name']}:" if scheme["colon"] != "://" else "SQLAlchemy cannot read it"
+    elif scheme is not None and text[scheme.end() :].startswith("//"):
+        detail = f"':' must follow the scheme {scheme['name']}"
+    else:
+        detail = "no scheme such as postgresql://"
+    return DSNError(f"malformed DSN ({detail}): {EXPECTED}")
+
+
+# -- libpq key=value connection strings ----------------------------------------------------------
+
+
+def _conninfo_pairs(text: str) -> list[tuple[str, str]]:
+    r"""The ``key = value`` pairs of a libpq string; a value may be single-quoted, ``\`` escapes a character."""
+    pairs: list[tuple[str, str]] = []
+    position = 0
+    while text[position:].strip():
+        match = _CONNINFO_PAIR.match(text, position)
+        position = match.end() if match else position
+        if match is None or (position < len(text) and not text[position].isspace()):
+            # Never echo the text: after a badly quoted password it would be part of the password.
+            if match is not None and text[position] == "'":
+                msg = f"malformed connection string: the quoted value of {match['key']} has no closing quote"
+            else:
+                after = f"after {pairs[-1][0]}=..." if pairs else "at the start"
+                msg = f"malformed connection string: expected key=value {after} (quote a value with spaces: key='a b')"
+            raise DSNError(msg)
+        value = match["quoted"] if match["quoted"] is not None else match["plain"]
+        pairs.append((match["key"], re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)))
+    return pairs
+
+
+def _split_list(value: str | None) -> list[str]:
+    return [part.strip() for part in value.split(",")] if value else []
+
+
+def _conninfo_to_url(text: str) -> sa.URL:
+    """A libpq connection string as the equivalent URL (several hosts become ``host=h:p`` entries)."""
+    entries = dict(_conninfo_pairs(text))  # a later duplicate wins, as in libpq
+    if "host" not in entries and "hostaddr" in entries:
+        entries["host"] = entries.pop("hostaddr")
+    elif "hostaddr" in entries:
+        msg = "hostaddr together with host is not supported: give the address as host"
+        raise DSNError(msg)
+    hosts = _split_list(entries.pop("host", None))
+    ports = _split_list(entries.pop("port", None))
+    for port in ports:
+        _port(port)
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise _count_mismatch(hosts, ports)
+    username, password, database = entries.pop("user", None), entries.pop("password", None), entries.pop("dbname", None)
+    if len(hosts) == 1 and not hosts[0].startswith("/"):  # one TCP host: the URL's netloc
+        return sa.URL.create(
+            "postgresql",
+            username=username,
+            password=password,
+            host=hosts[0],
+            port=int(ports[0]) if ports else None,
+            database=database,
+            query=entries,
+        )
+    query: dict[str, str | tuple[str, ...]] = dict(entries)
+    if hosts:
+        paired = ports if len(ports) > 1 else [ports[0] if ports else ""] * len(hosts)
+        query["host"] = tuple(
+            f"{host if ':' not in host else f'[{host}]'}{f':{port}' if port else ''}"
+            for host, port in zip(hosts, paired, strict=True)
+        )
+    return sa.URL.create("postgresql", username=username, password=password, database=database, query=query)
+
+
+# -- URLs ----------------------------------------------------------------------------------------
 
 
 def _netloc_hosts_to_query(dsn: str) -> str:
-    """Rewrite libpq's ``scheme://user@h1:p1,h2:p2/db`` as ``scheme://user@/db?host=h1:p1&host=h2:p2``."""
-    match = _NETLOC.match(dsn)
-    if match is None or "," not in match["netloc"]:
+    """Check the netloc's ``host:port``; rewrite libpq's ``scheme://user@h1:p1,h2:p2/db`` as ``?host=`` entries."""
+    match = _AUTHORITY.match(dsn)
+    if match is None or not match["hosts"]:
         return dsn
-    userinfo, _, hosts = match["netloc"].rpartition("@")
-    rest = match["rest"]
-    path, sep, query = rest.partition("?")
-    entries = "&".join(f"host={host}" for host in hosts.split(","))
-    query = f"{entries}&{query}" if sep and query else entries
-    return f"{match['scheme']}{userinfo}{'@' if userinfo else ''}{path or '/'}?{query}"
+    entries = match["hosts"].split(",")
+    for entry in entries:
+        _split_host_port(entry)
+    if len(entries) == 1:
+        return dsn
+    path, sep, query = match["rest"].partition("?")
+    hosts = "&".join(f"host={host}" for host in entries)
+    query = f"{hosts}&{query}" if sep and query else hosts
+    return f"{match['scheme']}{match['userinfo'] or ''}{path or '/'}?{query}"
+
+
+def _postgresql_only(url: sa.URL) -> sa.URL:
+    backend = url.get_backend_name()
+    if backend == "postgres":  # libpq's other scheme; SQLAlchemy knows only postgresql
+        return url.set(drivername="postgresql" + url.drivername[len(backend) :])
+    if backend != "postgresql":
+        msg = f"malformed DSN {mask_dsn(url)!r}: {url.drivername}:// is not PostgreSQL; expected {_POSTGRESQL_SCHEMES}"
+        raise DSNError(msg)
+    return url
 
 
 def parse_url(dsn: str | sa.URL) -> sa.URL:
-    """Parse ``dsn`` with SQLAlchemy; a malformed one raises :class:`DSNError` with the password masked."""
+    """Parse a URL or a libpq ``key=value`` string; a malformed one raises :class:`DSNError` naming the bad part.
+
+    Only PostgreSQL URLs are accepted (``postgres://`` is read as ``postgresql://``). No message
+    ever holds a password.
+    """
     given: object = dsn  # untyped callers pass anything
     if isinstance(given, sa.URL):
-        return given
+        return _postgresql_only(given)
     if not isinstance(given, str):
         msg = f"a DSN must be a str or sqlalchemy.URL, got {type(given).__name__}"
         raise TypeError(msg)
-    try:
-        return sa.make_url(_netloc_hosts_to_query(given))
-    except (ArgumentError, ValueError) as exc:
-        detail = str(exc).replace(given, mask_dsn(given))
-        msg = f"malformed DSN {mask_dsn(given)!r}: {detail}"
-        raise DSNError(msg) from None
+    text = given.strip()
+    if not text:
+        msg = f"empty DSN: {EXPECTED}"
+        raise DSNError(msg)
+    if "=" in text and not _SCHEME.match(text):
+        return _conninfo_to_url(text)
+    rewritten = _netloc_hosts_to_query(text)
+    url: sa.URL | None = None
+    with contextlib.suppress(ArgumentError, ValueError):
+        url = sa.make_url(rewritten)
+    if url is None:  # raised outside the handler: SQLAlchemy's error (which may quote the input) is not chained
+        raise _not_a_url(text)
+    return _postgresql_only(url)
 
 
-def _split_host_port(entry: str, *, dsn: sa.URL) -> tuple[str, int | None]:
+def _split_host_port(entry: str) -> tuple[str, int | None]:
+    shown = _mask_userinfo(f":{entry}")[1:] if "@" in entry else entry  # a password holding "@" ends up here
     if entry.startswith("["):  # [v6] or [v6]:port
         host, bracket, after = entry[1:].partition("]")
         if not bracket or (after and not after.startswith(":")):
-            msg = f"malformed host {entry!r} in DSN {mask_dsn(dsn)!r}"
+            msg = f"malformed host {shown!r} in the DSN: an IPv6 address goes in brackets, as in [::1]:5432"
             raise DSNError(msg)
         port_text = after[1:]
     elif entry.count(":") > 1:  # a bare IPv6 address has no port
@@ -81,20 +231,27 @@ def _split_host_port(entry: str, *, dsn: sa.URL) -> tuple[str, int | None]:
     else:
         host, _, port_text = entry.partition(":")
     if not host:
-        msg = f"empty host in {entry!r} in DSN {mask_dsn(dsn)!r}"
+        msg = f"empty host in {shown!r} in the DSN"
         raise DSNError(msg)
-    return host, _port(port_text, dsn=dsn) if port_text else None
+    if "@" in host:
+        msg = f"malformed host {shown!r} in the DSN: a password holding '@' must be percent-encoded (%40)"
+        raise DSNError(msg)
+    return host, _port(port_text) if port_text else None
 
 
-def _port(text: str, *, dsn: sa.URL) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else 0
     if not 0 < port < 65536:  # noqa: PLR2004
-        msg = f"bad port {text!r} in DSN {mask_dsn(dsn)!r}"
+        msg = f"bad port {text!r} in the DSN: a port is a number from 1 to 65535"
         raise DSNError(msg)
     return port
+
+
+def _count_mismatch(hosts: typing.Sequence[object], ports: typing.Sequence[object]) -> DSNError:
+    return DSNError(
+        f"{len(hosts)} hosts ({', '.join(map(str, hosts))}) but {len(ports)} ports ({', '.join(map(str, ports))}) "
+        "in the DSN: give one port, or one per host",
+    )
 
 
 def _query_list(url: sa.URL, key: str) -> list[str]:
@@ -113,22 +270,21 @@ def dsn_hosts(dsn: str | sa.URL) -> tuple[HostPort, ...]:
     """
     url = parse_url(dsn)
     entries = _query_list(url, "host")
-    ports = [_port(text, dsn=url) for text in _query_list(url, "port")]
+    ports = [_port(text) for text in _query_list(url, "port")]
     if not entries:
         if url.host is None:
             return ()
-        netloc_port = _port(str(url.port), dsn=url) if url.port is not None else None
+        netloc_port = _port(str(url.port)) if url.port is not None else None
         return (HostPort(url.host, netloc_port or (ports[0] if len(ports) == 1 else DEFAULT_PORT)),)
     if len(ports) > 1 and len(ports) != len(entries):
-        msg = f"{len(entries)} hosts but {len(ports)} ports in DSN {mask_dsn(url)!r}"
-        raise DSNError(msg)
+        raise _count_mismatch(entries, ports)
     hosts: list[HostPort] = []
     for index, entry in enumerate(entries):
-        host, port = _split_host_port(entry, dsn=url)
+        host, port = _split_host_port(entry)
         if port is None:
             port = ports[index] if len(ports) > 1 else (ports[0] if ports else url.port or DEFAULT_PORT)
         elif len(ports) > 1 and ports[index] != port:
-            msg = f"host {entry!r} has port {port} but port= gives {ports[index]} in DSN {mask_dsn(url)!r}"
+            msg = f"host {entry!r} has port {port} but port= gives {ports[index]} in the DSN"
             raise DSNError(msg)
         hosts.append(HostPort(host, port))
     return tuple(hosts)

@@ -3,7 +3,7 @@
 :func:`check_hosts` connects to each host concurrently, each with its own timeout, and reports
 whether it answered, how long the connect took, its role, server version and, for standbys, how far
 replay lags behind. It also says which host each ``target_session_attrs`` value would pick.
-:func:`add_check_command` / :func:`run_check` make it the ``db-retry check`` command.
+:func:`run_check` is the ``db-retry check`` command (its options are in :mod:`db_retry.cli`).
 ``architecture/health.md`` has the details.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 import types
 import typing
@@ -22,13 +21,10 @@ import sqlalchemy as sa
 
 from db_retry.connections import TARGET_SESSION_ATTRS, ConnectionPlan, ConnectionType, session_role
 from db_retry.dsn import DSNError, HostPort, mask_dsn, parse_url
+from db_retry.validation import describe_error
 
 
-if typing.TYPE_CHECKING:
-    from db_retry.cli import SubParsers
-
-
-__all__ = ["HealthReport", "HostStatus", "add_check_command", "check_hosts", "format_report", "run_check"]
+__all__ = ["HealthReport", "HostStatus", "check_hosts", "format_report", "run_check"]
 
 DEFAULT_TIMEOUT: typing.Final = 2.0
 Role = typing.Literal["primary", "standby"]
@@ -80,9 +76,14 @@ class HostStatus:
     replay_lag_seconds: float | None = None
 
     def as_dict(self) -> dict[str, typing.Any]:
+        """JSON-ready: ``latency_ms`` in milliseconds (``latency``, in seconds, is kept for older scripts)."""
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         fields["address"] = str(self.address)
-        return {"host": self.address.host, "port": self.address.port, **fields}
+        latency = self.latency
+        fields["latency"] = None if latency is None else round(latency, 6)
+        fields["replay_lag_seconds"] = None if self.replay_lag_seconds is None else round(self.replay_lag_seconds, 3)
+        latency_ms = None if latency is None else round(latency * 1000, 2)
+        return {"host": self.address.host, "port": self.address.port, "latency_ms": latency_ms, **fields}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,17 +125,6 @@ class _Probe:
     position: int | None = None  # a primary's current WAL position, a standby's replay position
 
 
-def _reason(exc: BaseException, timeout: float, password: str) -> str:
-    if isinstance(exc, TimeoutError):
-        reason = f"timed out after {timeout:g}s"
-    elif isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
-        reason = os.strerror(exc.errno).lower()
-    else:
-        reason = f"{type(exc).__name__}: {exc}"
-    # No driver message is known to echo the password; this makes sure none ever does.
-    return reason.replace(password, "***") if password else reason
-
-
 async def _identify(connection: ConnectionType, address: HostPort, latency: float) -> _Probe:
     """Role, read-only state and version from what the server reported at startup (no round trip on 14+)."""
     role = await session_role(connection)
@@ -174,7 +164,7 @@ async def _probe(address: HostPort, plan: ConnectionPlan) -> _Probe:
     except Exception as exc:  # noqa: BLE001 - every failure of a host is a line in the report
         if connection is not None:
             connection.terminate()
-        reason = _reason(exc, plan.timeout, str(plan.connect_args.get("password") or ""))
+        reason = describe_error(exc, timeout=plan.timeout, password=plan.connect_args.get("password"))
         if identity is None:
             return _Probe(HostStatus(address=address, reachable=latency is not None, latency=latency, error=reason))
         return dataclasses.replace(identity, status=dataclasses.replace(identity.status, error=reason))
@@ -205,9 +195,7 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
     """
     url = parse_url(dsn)
     plan = ConnectionPlan.from_url(url, timeout, 0)
-    # Rendered (so the password is percent-encoded and the mask finds its end), masked (netloc and a
-    # password= entry), then decoded for reading.
-    masked = urllib.parse.unquote(mask_dsn(url.render_as_string(hide_password=False)))
+    masked = urllib.parse.unquote(mask_dsn(url))  # every password masked, then decoded for reading
     if not plan.hosts:
         msg = f"DSN {masked!r} names no host; the check needs host:port"
         raise DSNError(msg)
@@ -229,40 +217,6 @@ async def check_hosts(dsn: str | sa.URL, timeout: float = DEFAULT_TIMEOUT) -> He
 
 
 # -- the `db-retry check` command ------------------------------------------------------------
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        msg = f"must be a number of seconds > 0, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def add_check_command(subparsers: "SubParsers") -> None:
-    """Register ``check DSN [--timeout S] [--json]`` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "check",
-        help="probe every host of a DSN: reachable, latency, role, version, replay lag",
-        description=(
-            "Probe every host of DSN concurrently and print reachability, connect latency, role, server version "
-            "and replay lag, and which host each target_session_attrs value would pick. Exit status: 0 when some "
-            "host satisfies the DSN's target_session_attrs, 1 when none does, 2 on a malformed DSN."
-        ),
-    )
-    parser.add_argument("dsn", metavar="DSN", help="a PostgreSQL / SQLAlchemy URL, one host or several")
-    parser.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=DEFAULT_TIMEOUT,
-        metavar="S",
-        help=f"connect timeout of each host in seconds (default {DEFAULT_TIMEOUT:g})",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run_check)
 
 
 def _cell(value: object, spec: str = "") -> str:

@@ -20,6 +20,7 @@ from tenacity.wait import wait_base
 from db_retry.engine import resolving_commits
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
 from db_retry.settings import RetrySettings, get_settings
+from db_retry.validation import check_number
 
 
 logger = logging.getLogger("db_retry.retry")
@@ -296,15 +297,6 @@ class _Policy:
             )
 
 
-def _check_options(retries: object, timeout: object) -> None:
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 1):
-        msg = f"retries must be an integer >= 1 (total attempts), got {retries!r}"
-        raise ValueError(msg)
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        msg = f"timeout must be > 0 seconds, got {timeout!r}"
-        raise ValueError(msg)
-
-
 class _Decorator(typing.Protocol):
     def __call__(
         self,
@@ -365,7 +357,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     transaction; :mod:`db_retry.engine`). ``on_retry`` is called
     with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
     """
-    _check_options(retries, timeout)
+    check_number("retries", retries, minimum=1, inclusive=True, integer=True, allow_none=True)
+    check_number("timeout", timeout, unit="seconds", allow_none=True)
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],

@@ -21,6 +21,7 @@ from sqlalchemy import event, orm
 from sqlalchemy.ext import asyncio as sa_async
 
 from db_retry.dsn import dsn_hosts
+from db_retry.validation import check_number, describe_error
 
 
 __all__ = [
@@ -222,28 +223,10 @@ def _log_fields(status: ReplicaStatus) -> dict[str, object]:
     return {"db_retry_replica": status.name, "db_retry_healthy": status.healthy, "db_retry_reason": status.reason}
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "check timed out"
-    first_line = str(exc).strip().split("\n", 1)[0]
-    return f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
-
-
 def _require_async_engine(what: str, engine: object) -> None:
     if not isinstance(engine, sa_async.AsyncEngine):
         msg = f"{what} must be an AsyncEngine (create_async_engine), got {type(engine).__name__}"
         raise TypeError(msg)
-
-
-def _check_number(name: str, value: float | None, *, minimum: float, allow_minimum: bool, allow_none: bool) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number above (or at) ``minimum``, or allowed None."""
-    if value is None and allow_none:
-        return
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or value < minimum or (value == minimum and not allow_minimum):  # type: ignore[operator]
-        wanted = f"a number {'>=' if allow_minimum else '>'} {minimum}" + (" or None" if allow_none else "")
-        msg = f"{name} must be {wanted}, got {value!r}"
-        raise ValueError(msg)
 
 
 class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
@@ -273,10 +256,10 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
         **session_options: typing.Any,  # noqa: ANN401 - AsyncSession's own options
     ) -> None:
         _require_async_engine("primary", primary)
-        _check_number("max_lag", max_lag, minimum=0, allow_minimum=True, allow_none=True)
-        _check_number("max_unreplayed_bytes", max_unreplayed_bytes, minimum=0, allow_minimum=True, allow_none=True)
-        _check_number("check_interval", check_interval, minimum=0, allow_minimum=False, allow_none=True)
-        _check_number("check_timeout", check_timeout, minimum=0, allow_minimum=False, allow_none=False)
+        check_number("max_lag", max_lag, inclusive=True, allow_none=True)
+        check_number("max_unreplayed_bytes", max_unreplayed_bytes, inclusive=True, allow_none=True)
+        check_number("check_interval", check_interval, allow_none=True)
+        check_number("check_timeout", check_timeout)
         chosen = sorted({"bind", "binds", "sync_session_class", "router"}.intersection(session_options))
         if chosen:
             msg = f"RoutingSessionMaker sets {', '.join(chosen)} itself"
@@ -358,11 +341,12 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
             async with asyncio.timeout(self._check_timeout):
                 row = await self._query(replica.check_engine)
         except Exception as exc:  # noqa: BLE001 - whatever failed, reads must not go there
+            why = describe_error(exc, timeout=self._check_timeout, password=replica.check_engine.url.password)
             return ReplicaStatus(
                 name=replica.name,
                 reachable=False,
                 checked_at=time.monotonic(),
-                reason=f"unreachable: {_describe(exc)}",
+                reason=f"unreachable: {why}",
             )
         in_recovery, lag, unreplayed = row
         reason = self._lag_reason(lag, unreplayed)

@@ -11,13 +11,13 @@ import os
 
 import pytest
 
-from db_retry.testing.pytest_plugin import STANDBY_SKIP_REASON
+from db_retry.testing.pytest_plugin import DSN_ENV, STANDBY_SKIP_REASON
 
 
 pytest_plugins = ["pytester", "db_retry.testing.pytest_plugin"]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip tests marked ``standby`` when ``DB_DSN`` points the suite at one external server."""
-    if item.get_closest_marker("standby") is not None and os.environ.get("DB_DSN"):
+    """Skip tests marked ``standby`` when ``DB_RETRY_TEST_DSN`` points the suite at one external server."""
+    if item.get_closest_marker("standby") is not None and os.environ.get(DSN_ENV):
         pytest.skip(STANDBY_SKIP_REASON)

@@ -1,6 +1,5 @@
-"""The ``db-retry`` command line."""
+"""The ``db-retry`` command line: its commands, help, version and exit statuses."""
 
-import argparse
 import importlib.metadata
 import pathlib
 import subprocess
@@ -21,13 +20,17 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"db-retry {VERSION}\n"
 
 
-def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: db-retry")
     assert "--version" in out
+    assert "check" in out
+    assert "probe every host of a DSN" in out
+    assert "demo" in out
+    assert "run transfers through the library" in out
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,52 +38,36 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("usage: db-retry")
+    assert "commands:" in captured.err
 
 
-def test_unknown_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["check"], "the following arguments are required: DSN"),
+        (["check", "postgresql://h/db", "--timeout", "0"], "argument --timeout: must be a number of seconds > 0"),
+        (["demo", "--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_bad_value(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        cli.main(["--no-such-option"])
+        cli.main(argv)
     assert exited.value.code == 2
-    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
-def _add_echo(subparsers: cli.SubParsers) -> None:
-    parser = subparsers.add_parser("echo", help="print the words and exit with their count")
-    parser.add_argument("words", nargs="*")
-
-    def run(args: argparse.Namespace) -> int:
-        print(" ".join(args.words))  # noqa: T201 - the command's output
-        return len(args.words)
-
-    parser.set_defaults(handler=run)
-
-
-def test_registered_subcommand_is_listed_and_dispatched(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", (_add_echo,))
-
-    assert cli.main(["echo", "a", "b", "c"]) == 3
-    assert capsys.readouterr().out == "a b c\n"
-
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    help_text = capsys.readouterr().out
-    assert "commands:" in help_text
-    assert "print the words and exit with their count" in help_text
-
-    assert cli.main([]) == 2
-    assert "echo" in capsys.readouterr().err
-
-
-def test_without_subcommands_there_is_no_commands_section(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli, "COMMANDS", ())
-    assert cli.main([]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("usage: db-retry [-h] [--version]\n")
-    assert "commands:" not in err
+def test_a_malformed_dsn_exits_2_before_any_connect(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check", "mysql://app:s3cret@127.0.0.1/db"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "db-retry check: malformed DSN 'mysql://app:***@127.0.0.1/db': mysql:// is not PostgreSQL; "
+        "expected postgresql://, postgresql+asyncpg:// or postgresql+psycopg://\n"
+    )
 
 
 def test_console_script_is_installed() -> None:
@@ -92,3 +79,9 @@ def test_console_script_is_installed() -> None:
     completed = subprocess.run([script, "--help"], capture_output=True, text=True, check=False, timeout=60)  # noqa: S603
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.startswith("usage: db-retry")
+
+    completed = subprocess.run(  # noqa: S603
+        [script, "check", "http://h/db"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert completed.returncode == 2
+    assert "http:// is not PostgreSQL" in completed.stderr

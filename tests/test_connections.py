@@ -210,7 +210,7 @@ async def test_driver_and_adapter_options_in_the_dsn(pg_cluster: PostgresCluster
             assert raw._config.command_timeout == 5.0
     finally:
         await engine.dispose()
-    with pytest.raises(DSNError, match="statement_cache_size in the DSN must be an integer, got 'none'"):
+    with pytest.raises(DSNError, match="statement_cache_size in the DSN must be an integer >= 0, got 'none'"):
         build_connection_factory(url.update_query_dict({"statement_cache_size": "none"}), timeout=2)
 
 

@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 import sqlalchemy as sa
 
-from db_retry import cli
+from db_retry import build_connection_factory, cli
 from db_retry.connections import TARGET_SESSION_ATTRS
 from db_retry.dsn import DSNError, HostPort
 from db_retry.health import HealthReport, HostStatus, check_hosts, format_report
@@ -162,7 +162,7 @@ async def test_standby_without_a_reachable_primary_has_no_byte_lag(pg_cluster: P
 
 
 async def test_single_host_dsn(pg_dsn: str) -> None:
-    """Runs against ``DB_DSN`` too."""
+    """Runs against ``DB_RETRY_TEST_DSN`` too."""
     url = sa.make_url(pg_dsn)
     report = await check_hosts(url)
     (host,) = report.hosts
@@ -304,11 +304,16 @@ async def test_cli_json_never_shows_the_password(
         assert "***" in document["dsn"]
         assert [host["address"] for host in document["hosts"]] == [node.address for node in pg_cluster.nodes]
         assert [host["role"] for host in document["hosts"]] == ["primary", "standby"]
+        for host in document["hosts"]:  # milliseconds, rounded; the seconds are kept for older scripts
+            assert host["latency_ms"] == round(host["latency_ms"], 2)
+            assert host["latency_ms"] == pytest.approx(host["latency"] * 1000, abs=0.01)
+            assert host["latency"] == round(host["latency"], 6)
         assert set(document["hosts"][0]) == {
             "host",
             "port",
             "address",
             "reachable",
+            "latency_ms",
             "latency",
             "error",
             "role",
@@ -395,3 +400,48 @@ def test_format_report_without_hosts_answering() -> None:
     assert "read-only (DSN)       -" in text
     assert text.endswith("FAIL: no host satisfies target_session_attrs=read-only")
     assert json.loads(report.to_json())["hosts"][0]["host"] == "::1"
+
+
+async def test_a_libpq_connection_string_is_checked_and_connected_like_a_url(
+    pg_cluster: PostgresCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes = pg_cluster.nodes
+    conninfo = (
+        f"host={','.join(node.host for node in nodes)} port={','.join(str(node.port) for node in nodes)} "
+        f"user=postgres dbname=postgres password='{PASSWORD}' target_session_attrs=read-only"
+    )
+    report = await check_hosts(conninfo, timeout=10)
+    assert [host.address for host in report.hosts] == [_address(node) for node in nodes]
+    assert report.ok
+    assert report.chosen["read-only"] == _address(pg_cluster.standbys[0])
+    _assert_no_password(report.dsn)
+
+    connection = await build_connection_factory(conninfo, timeout=10)()
+    try:
+        assert await connection.fetchval("SELECT pg_is_in_recovery()") is True  # read-only: the standby
+    finally:
+        await connection.close()
+
+    assert await asyncio.to_thread(cli.main, ["check", conninfo, "--json"]) == 0
+    captured = capsys.readouterr()
+    _assert_no_password(captured.out + captured.err)
+    assert json.loads(captured.out)["target_session_attrs"] == "read-only"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "message"),
+    [
+        ("http://app:secret@127.0.0.1/db", "http:// is not PostgreSQL"),
+        ("mysql://app@127.0.0.1/db", "mysql:// is not PostgreSQL"),
+        ("postgresql://app@127.0.0.1:abc/db", "bad port 'abc' in the DSN"),
+        ("postgresql://app@[::1:5432/db", "malformed host '[::1:5432'"),
+        ("host=a,b port=1,2,3", "2 hosts (a, b) but 3 ports (1, 2, 3)"),
+    ],
+)
+def test_cli_names_the_bad_part_of_a_malformed_dsn(dsn: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """No server needed: a non-PostgreSQL scheme or a bad host list is refused before any connect."""
+    assert cli.main(["check", dsn]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err
+    assert "secret" not in captured.err

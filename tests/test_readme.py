@@ -36,3 +36,5 @@ def test_readme_example_runs(code: str, tmp_path: pathlib.Path) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    if not pytest_file:  # a script says in one line what it showed
+        assert len(completed.stdout.splitlines()) == 1, completed.stdout

@@ -94,7 +94,7 @@ def test_bad_retries_are_refused(retries: typing.Any) -> None:
 
 @pytest.mark.parametrize("timeout", [0, -1.0])
 def test_bad_timeout_is_refused(timeout: float) -> None:
-    with pytest.raises(ValueError, match="timeout must be > 0"):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
         postgres_retry(timeout=timeout)
 
 

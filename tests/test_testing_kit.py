@@ -40,7 +40,7 @@ from db_retry.testing.pytest_plugin import DSN_ENV, FRESH_SKIP_REASON, STANDBY_S
 
 
 IS_ROOT = os.geteuid() == 0
-# Tests that start servers without the plugin's fixtures; the fixtures skip themselves under DB_DSN.
+# Tests that start servers without the plugin's fixtures; the fixtures skip themselves under DB_RETRY_TEST_DSN.
 kit_only = pytest.mark.skipif(bool(os.environ.get(DSN_ENV)), reason=FRESH_SKIP_REASON)
 SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
 
@@ -164,15 +164,16 @@ async def test_node_addresses(pg_cluster: PostgresCluster) -> None:
     primary = pg_cluster.primary
     port = primary.port
     assert primary.address == f"127.0.0.1:{port}"
-    assert primary.dsn() == f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    assert primary.dsn() == f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"  # as multihost_dsn()
+    assert primary.dsn(driver=None) == f"postgresql://postgres@127.0.0.1:{port}/postgres"
     assert primary.dsn(driver="asyncpg", database="other") == f"postgresql+asyncpg://postgres@127.0.0.1:{port}/other"
     assert primary.conninfo() == f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
     # Both forms reach the server with psycopg, the URL one with asyncpg too.
-    for dsn in (primary.dsn(), primary.conninfo()):
+    for dsn in (primary.dsn(driver=None), primary.conninfo()):
         with psycopg.connect(dsn, connect_timeout=10) as connection:
             row = connection.execute("SELECT current_user, inet_server_port()").fetchone()
         assert row == ("postgres", port)
-    connection = await asyncpg.connect(primary.dsn(), timeout=10)
+    connection = await asyncpg.connect(primary.dsn(driver=None), timeout=10)
     try:
         assert await connection.fetchval("SELECT inet_server_addr()::text") == "127.0.0.1/32"
     finally:
@@ -653,8 +654,12 @@ def test_a_missing_run_as_account_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 def test_root_as_the_run_as_account_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    with pytest.raises(ClusterError, match="DB_RETRY_PG_USER='root' is root; PostgreSQL needs an unprivileged account"):
-        kit._Account.resolve("root")
+    monkeypatch.delenv(kit.RUN_AS_ENV, raising=False)
+    with pytest.raises(ClusterError, match=r"^run_as='root' is root; PostgreSQL needs an unprivileged account"):
+        kit._Account.resolve("root")  # the argument is named, not a variable that was not used
+    monkeypatch.setenv(kit.RUN_AS_ENV, "root")
+    with pytest.raises(ClusterError, match=r"^DB_RETRY_PG_USER='root' is root; PostgreSQL needs an unprivileged"):
+        kit._Account.resolve(None)
 
 
 def test_a_normal_user_is_its_own_account(monkeypatch: pytest.MonkeyPatch) -> None:

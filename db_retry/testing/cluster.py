@@ -96,7 +96,8 @@ class _Account:
             )
             raise ClusterError(msg) from None
         if entry.pw_uid == 0:
-            msg = f"{RUN_AS_ENV}={name!r} is root; PostgreSQL needs an unprivileged account"
+            given = f"run_as={name!r}" if run_as else f"{RUN_AS_ENV}={name!r}"  # blame what was used
+            msg = f"{given} is root; PostgreSQL needs an unprivileged account"
             raise ClusterError(msg)
         return cls(uid=entry.pw_uid, gid=entry.pw_gid, name=name)
 
@@ -216,8 +217,11 @@ class PostgresNode:
         self._ctl_lock = threading.Lock()
 
     # -- addresses ---------------------------------------------------------
-    def dsn(self, *, driver: str | None = None, database: str | None = None) -> str:
-        """A URL DSN: ``postgresql://...`` (asyncpg, psycopg, libpq) or ``postgresql+DRIVER://...`` (SQLAlchemy)."""
+    def dsn(self, *, driver: str | None = "asyncpg", database: str | None = None) -> str:
+        """A URL DSN: ``postgresql+asyncpg://...`` by default, like :meth:`PostgresCluster.multihost_dsn`.
+
+        ``driver=None`` gives ``postgresql://...``, what asyncpg, psycopg and libpq take themselves.
+        """
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{self.user}@{self.host}:{self.port}/{database or self.database}"
 
@@ -299,7 +303,7 @@ class PostgresNode:
     async def connect(self, **kwargs: object) -> "asyncpg.Connection[asyncpg.Record]":
         """A plain asyncpg connection to this node (as the superuser)."""
         kwargs.setdefault("timeout", 10)
-        connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(), **kwargs)
+        connection: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn(driver=None), **kwargs)
         return connection
 
     async def fetchval(self, query: str, *args: object) -> typing.Any:  # noqa: ANN401 - the query decides the type

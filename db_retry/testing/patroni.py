@@ -457,7 +457,7 @@ def _kill(pid: int) -> None:
 async def _accepts_writes(node: PostgresNode) -> bool:
     """Whether ``node`` answers now as a primary (one short connection; any failure is a no)."""
     try:
-        connection = await asyncpg.connect(node.dsn(), timeout=0.5)
+        connection = await asyncpg.connect(node.dsn(driver=None), timeout=0.5)
         try:
             return not await connection.fetchval("SELECT pg_is_in_recovery()")
         finally:

@@ -5,12 +5,16 @@ Installed as the ``db_retry`` pytest plugin (a ``pytest11`` entry point), so eve
 starts only when a test requests one of the fixtures.
 
 - ``pg_cluster`` (session): a primary and one streaming standby, stopped at the end of the session.
-- ``pg_dsn`` (session): a ``postgresql+asyncpg://`` URL of that primary, or of ``DB_DSN`` when set.
+- ``pg_dsn`` (session): a ``postgresql+asyncpg://`` URL of that primary, or of ``DB_RETRY_TEST_DSN`` when set.
 - ``fresh_cluster`` (function): a factory of new clusters for tests that stop, crash or promote servers.
+- ``proxied_cluster`` (function, needs pytest-asyncio): a new primary + standby behind one
+  :class:`~db_retry.testing.proxy.TcpProxy` each, to hang, cut or delay the network.
 
-When ``DB_DSN`` names an external server, the kit starts nothing: ``pg_dsn`` points at that server
-and tests that need the kit's own servers are skipped with the reason. When a test that used a kit
-cluster fails, the tail of each server's log is attached to its report.
+When ``DB_RETRY_TEST_DSN`` names an external server, the kit starts nothing: ``pg_dsn`` points at
+that server and tests that need the kit's own servers are skipped with the reason. The variable is
+namespaced on purpose: a service's own ``DB_DSN`` (or ``DATABASE_URL``) names its real database,
+which tests must never write to. When a test that used a kit cluster fails, the tail of each
+server's log is attached to its report.
 """
 
 import collections.abc
@@ -20,8 +24,8 @@ import os
 import typing
 
 import pytest
-import sqlalchemy
 
+from db_retry.dsn import parse_url
 from db_retry.testing.cluster import PostgresCluster
 from db_retry.testing.proxy import ProxiedCluster
 
@@ -41,7 +45,7 @@ __all__ = [
     "pg_dsn",
 ]
 
-DSN_ENV: typing.Final = "DB_DSN"
+DSN_ENV: typing.Final = "DB_RETRY_TEST_DSN"
 STANDBY_SKIP_REASON: typing.Final = (
     f"needs a streaming standby from the test kit; {DSN_ENV} points at a single external server"
 )
@@ -50,7 +54,6 @@ FRESH_SKIP_REASON: typing.Final = (
     f"{DSN_ENV} points at a single external server"
 )
 _ASYNCPG_DRIVER: typing.Final = "postgresql+asyncpg"
-_BARE_SCHEMES: typing.Final = frozenset({"postgresql", "postgres"})
 # Fixtures whose value comes from the session cluster: a failing test that used one gets its logs.
 _SESSION_FIXTURES: typing.Final = frozenset({"pg_cluster", "pg_dsn"})
 
@@ -65,19 +68,22 @@ class ClusterFactory(typing.Protocol):
 
 
 def external_dsn() -> str | None:
-    """``DB_DSN`` as a SQLAlchemy asyncpg URL (``postgresql://`` becomes ``postgresql+asyncpg://``), or ``None``."""
+    """``DB_RETRY_TEST_DSN`` as a SQLAlchemy asyncpg URL, or ``None``.
+
+    A URL or a libpq ``key=value`` string; ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://``.
+    """
     value = os.environ.get(DSN_ENV)
     if not value:
         return None
-    url = sqlalchemy.make_url(value)
-    if url.drivername in _BARE_SCHEMES:
+    url = parse_url(value)  # a URL or a libpq key=value string
+    if url.drivername == "postgresql":
         url = url.set(drivername=_ASYNCPG_DRIVER)
     return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
 def pg_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[PostgresCluster]:
-    """A started primary with one streaming standby, shared by the session; skipped when ``DB_DSN`` is set."""
+    """A started primary with one streaming standby, shared by the session; skipped under ``DB_RETRY_TEST_DSN``."""
     if os.environ.get(DSN_ENV):
         pytest.skip(STANDBY_SKIP_REASON)
     cluster = PostgresCluster(standbys=1, name="session")
@@ -92,7 +98,7 @@ def pg_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[Postg
 
 @pytest.fixture(scope="session")
 def pg_dsn(request: pytest.FixtureRequest) -> str:
-    """A ``postgresql+asyncpg://`` URL of the session primary, or of the external server ``DB_DSN`` names."""
+    """A ``postgresql+asyncpg://`` URL of the session primary, or of the external server ``DB_RETRY_TEST_DSN`` names."""
     external = external_dsn()
     if external is not None:
         return external
@@ -120,6 +126,8 @@ def fresh_cluster(request: pytest.FixtureRequest) -> collections.abc.Iterator[Cl
 
 if importlib.util.find_spec("pytest_asyncio") is not None:  # pragma: no branch - the dev extra installs it
     import pytest_asyncio
+
+    __all__ += ["proxied_cluster"]
 
     @pytest_asyncio.fixture
     async def proxied_cluster(fresh_cluster: ClusterFactory) -> collections.abc.AsyncIterator[ProxiedCluster]:
