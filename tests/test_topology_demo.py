@@ -10,7 +10,7 @@ import pytest
 
 from db_retry import cli
 from db_retry.demo import TOPOLOGIES, DemoConfig
-from db_retry.testing.demo_targets import TOPOLOGY_FAULTS
+from db_retry.testing.demo_targets import TOPOLOGY_FAULTS, make_target
 
 
 pytestmark = pytest.mark.standby
@@ -49,3 +49,10 @@ def test_each_topology_has_its_own_faults() -> None:
         DemoConfig(topology="moving-endpoint", faults=("terminate",))
     with pytest.raises(ValueError, match="unknown topology 'galera'; choose from kit, patroni"):
         DemoConfig(topology="galera")
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_a_target_that_never_started_stops_cleanly(topology: str) -> None:
+    target = make_target(topology)  # e.g. the demo failed before its servers came up
+    await target.stop()
+    assert target.topology == topology
