@@ -62,7 +62,7 @@ SHARED_DEPENDENCIES: typing.Final = ("sqlalchemy", "asyncpg", "greenlet")
 ALL_SCENARIOS: typing.Final = (
     "overhead",
     "connect",
-    "serializable",
+    "contention",
     "disconnects",
     "restart",
     "failover",
@@ -72,7 +72,69 @@ ALL_SCENARIOS: typing.Final = (
 HOSTS: typing.Final = 4
 HANGING: typing.Final = (0, 1, 3)
 CONNECT_TIMEOUT: typing.Final = 1.0
-WORKERS: typing.Final = (1, 8, 32)
+ACCOUNTS: typing.Final = 1000
+BALANCE: typing.Final = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    """One contention scenario: ``processes`` scenario processes of one package, ``workers`` callers each."""
+
+    key: str  # for --workloads and the JSON
+    label: str
+    workload: str  # scenarios.py's name: hot, spread, rare
+    processes: int
+    workers: int
+    zero_failures: bool  # issue 10: no failed call with the default settings
+    goals: bool = True  # issue 10's goals apply (not to the one-worker yardstick)
+
+
+WORKLOADS: typing.Final = (
+    Workload(
+        key="hot1",
+        label="hot row, 1 worker",
+        workload="hot",
+        processes=1,
+        workers=1,
+        zero_failures=False,
+        goals=False,
+    ),
+    Workload(key="hot32", label="hot row, 32 workers", workload="hot", processes=1, workers=32, zero_failures=False),
+    Workload(
+        key="hot4x8",
+        label="hot row, 4 processes x 8 workers",
+        workload="hot",
+        processes=4,
+        workers=8,
+        zero_failures=False,
+    ),
+    Workload(
+        key="spread32",
+        label="spread transfers, 32 workers",
+        workload="spread",
+        processes=1,
+        workers=32,
+        zero_failures=True,
+    ),
+    Workload(
+        key="spread4x8",
+        label="spread transfers, 4 processes x 8 workers",
+        workload="spread",
+        processes=4,
+        workers=8,
+        zero_failures=True,
+    ),
+    Workload(
+        key="rare50",
+        label="rare unrelated conflicts, 50 workers",
+        workload="rare",
+        processes=1,
+        workers=50,
+        zero_failures=True,
+    ),
+)
+RARE_IO_S: typing.Final = 0.01
+RARE_CONFLICT_SHARE: typing.Final = 0.02
 CALLERS: typing.Final = 4
 CALL_PAUSE: typing.Final = 0.01  # each looping caller pauses this long between calls
 POLL: typing.Final = 0.002  # how often the driver probes a restarting server
@@ -94,7 +156,7 @@ class Settings:
     latency_transactions: int
     count_transactions: int
     kill_bursts: int
-    repeats: int  # runs per package of each SERIALIZABLE worker count
+    rounds: int  # runs per package of each contention workload, in alternating order
 
     @classmethod
     def make(cls, *, quick: bool) -> "Settings":
@@ -110,20 +172,20 @@ class Settings:
                 latency_transactions=200,
                 count_transactions=50,
                 kill_bursts=2,
-                repeats=1,
+                rounds=3,
             )
         return cls(
             quick=False,
             overhead_iterations=200_000,
             overhead_rounds=9,
             connects=20,
-            duration=10.0,
+            duration=8.0,
             before_fault=1.5,
             after_fault=5.0,
             latency_transactions=2000,
             count_transactions=500,
             kill_bursts=3,
-            repeats=2,
+            rounds=3,
         )
 
 
@@ -215,8 +277,16 @@ def child_environment() -> dict[str, str]:
 class Context:
     """What every benchmark step shares: settings, both packages, where logs go, the results so far."""
 
-    def __init__(self, settings: Settings, reference: Package, ours: Package, workdir: pathlib.Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reference: Package,
+        ours: Package,
+        workdir: pathlib.Path,
+        workloads: typing.Sequence[Workload] = WORKLOADS,
+    ) -> None:
         self.settings = settings
+        self.workloads = workloads
         self.reference = reference
         self.ours = ours
         self.workdir = workdir
@@ -451,6 +521,8 @@ SCHEMA: typing.Final = (
     "CREATE TABLE bench_counter (id int PRIMARY KEY, n bigint NOT NULL)",
     "INSERT INTO bench_counter VALUES (1, 0)",
     "CREATE TABLE bench_events (call_id text NOT NULL)",
+    "CREATE TABLE bench_accounts (id int PRIMARY KEY, balance bigint NOT NULL, moves bigint NOT NULL DEFAULT 0)",
+    f"INSERT INTO bench_accounts (id, balance) SELECT g, {BALANCE} FROM generate_series(1, {ACCOUNTS}) g",  # noqa: S608 - constants
 )
 
 
@@ -479,12 +551,22 @@ class Row:
     metric: str
     reference: float | str | None
     ours: float | str | None
+    rounds: tuple[float, ...] = ()  # ours / reference in each round, when the row pools several
 
     @property
     def ratio(self) -> float | None:
+        if self.rounds:
+            return statistics.median(self.rounds)
         if isinstance(self.reference, (int, float)) and isinstance(self.ours, (int, float)) and self.reference:
             return self.ours / self.reference
         return None
+
+    @property
+    def ratio_text(self) -> str:
+        text = fmt_ratio(self.ratio)
+        if len(self.rounds) > 1:
+            text += f" ({min(self.rounds):.2f} to {max(self.rounds):.2f})"
+        return text
 
 
 def fmt(value: float | str | None) -> str:
@@ -605,78 +687,111 @@ def connect_rows(k: int, results: dict[str, typing.Any]) -> list[Row]:
     return rows
 
 
-async def serializable_run(
-    context: Context, package: Package, primary: PostgresNode, workers: int
+async def contention_run(
+    context: Context, package: Package, primary: PostgresNode, workload: Workload, round_number: int
 ) -> dict[str, typing.Any]:
-    """One run of the counter scenario; fails loudly unless the counter equals the successful calls."""
+    """One round of a workload for one package: its processes start together; fails loudly on a wrong total."""
     duration = context.settings.duration
     await primary.execute("UPDATE bench_counter SET n = 0 WHERE id = 1")
-    params = {"dsn": primary.dsn(driver="asyncpg"), "workers": workers, "duration": duration}
-    async with Scenario(context, package, "serializable", params) as scenario:
-        result: dict[str, typing.Any] = await scenario.expect("RESULT", timeout=duration + 120)
-    succeeded = sum(1 for _, _, ok in result["calls"] if ok)
-    counter = await primary.fetchval("SELECT n FROM bench_counter WHERE id = 1")
-    if counter != succeeded:
-        msg = f"serializable, {workers} workers ({package.name}): counter {counter}, successful calls {succeeded}"
-        raise BenchmarkError(msg)
-    return result
-
-
-def serializable_metrics(runs: list[dict[str, typing.Any]]) -> dict[str, typing.Any]:
-    """Several runs of one package pooled: commits/s over all windows, failures per run, latency over all calls."""
-    calls = [call for run in runs for call in run["calls"]]
+    await primary.execute("UPDATE bench_accounts SET moves = 0")
+    base = {
+        "dsn": primary.dsn(driver="asyncpg"),
+        "workers": workload.workers,
+        "duration": duration,
+        "workload": workload.workload,
+        "accounts": ACCOUNTS,
+        "io_s": RARE_IO_S,
+        "conflict_share": RARE_CONFLICT_SHARE,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        processes = [
+            await stack.enter_async_context(
+                Scenario(context, package, "contention", base | {"seed": 1000 * round_number + number})
+            )
+            for number in range(workload.processes)
+        ]
+        for process in processes:
+            await process.expect("READY", timeout=60)
+        start_at = time.monotonic() + 0.2
+        for process in processes:
+            process.send(f"go {start_at}")
+        results = [await process.expect("RESULT", timeout=duration + 120) for process in processes]
+    calls = [call for result in results for call in result["calls"]]
+    succeeded = sum(1 for *_, ok in calls if ok)
+    what = f"{workload.label} ({package.name})"
+    if workload.workload == "hot":
+        counter = await primary.fetchval("SELECT n FROM bench_counter WHERE id = 1")
+        if counter != succeeded:
+            msg = f"{what}: counter {counter}, successful calls {succeeded}"
+            raise BenchmarkError(msg)
+    if workload.workload == "spread":
+        total, moves = await primary.fetchval("SELECT ARRAY[sum(balance), sum(moves)] FROM bench_accounts")
+        if total != ACCOUNTS * BALANCE or moves != 2 * succeeded:
+            expected = ACCOUNTS * BALANCE
+            msg = f"{what}: balances sum to {total} (expected {expected}), {moves} moves for {succeeded} transfers"
+            raise BenchmarkError(msg)
+    window = statistics.median(result["deadline"] - result["start"] for result in results)
     latencies = [end - start for start, end, _ in calls]
-    failed = sum(1 for *_, ok in calls if not ok)
-    in_window = sum(1 for run in runs for _, end, ok in run["calls"] if ok and end <= run["deadline"])
-    errors: collections.Counter[str] = collections.Counter()
-    for run in runs:
-        errors.update(run["errors"])
     return {
-        "runs": len(runs),
-        "commits_per_s": in_window / sum(run["deadline"] - run["start"] for run in runs),
-        "commits_per_s_by_run": [
-            sum(1 for _, end, ok in run["calls"] if ok and end <= run["deadline"]) / (run["deadline"] - run["start"])
-            for run in runs
-        ],
         "calls": len(calls),
-        "failed": failed / len(runs),
-        "failed_by_run": [sum(1 for *_, ok in run["calls"] if not ok) for run in runs],
-        "attempts_per_call": sum(run["attempts"] for run in runs) / max(1, len(calls)),
-        "errors": dict(errors),
+        "calls_per_s": sum(
+            1 for result in results for _, end, ok in result["calls"] if ok and end <= result["deadline"]
+        )
+        / window,
+        "failed": len(calls) - succeeded,
+        "attempts_per_call": sum(result["attempts"] for result in results) / max(1, len(calls)),
+        "errors": dict(sum((collections.Counter(result["errors"]) for result in results), collections.Counter())),
         "p50_ms": ms(percentile(latencies, 50)),
-        "p95_ms": ms(percentile(latencies, 95)),
         "p99_ms": ms(percentile(latencies, 99)),
+        "max_ms": ms(max(latencies, default=math.nan)),
     }
 
 
-async def bench_serializable(context: Context, cluster: PostgresCluster) -> list[Row]:
-    """One hot row, read then update in SERIALIZABLE under ``postgres_retry``, at 1, 8 and 32 workers.
+CONTENTION_METRICS: typing.Final = (
+    ("calls_per_s", "successful calls/s"),
+    ("p50_ms", "call latency p50 ms"),
+    ("p99_ms", "call latency p99 ms"),
+    ("failed", "calls failed after retries, per round"),
+    ("attempts_per_call", "attempts per call"),
+)
 
-    Each package runs ``repeats`` times per worker count, in ABBA order, and the runs are pooled: on a
-    shared machine one run of either package can meet a busy or a quiet moment.
-    """
-    repeats = context.settings.repeats
+
+async def bench_contention(context: Context, cluster: PostgresCluster) -> list[Row]:
+    """Each workload ``rounds`` times per package, alternating which goes first; ratios per round."""
+    rounds = context.settings.rounds
     rows: list[Row] = []
     data: dict[str, typing.Any] = {}
-    for index, workers in enumerate(WORKERS):
+    for index, workload in enumerate(context.workloads):
+        print(f"  {workload.label} ...", flush=True)
         runs: dict[str, list[dict[str, typing.Any]]] = {"reference": [], "ours": []}
-        for repeat in range(repeats):
-            for package in context.packages(index + repeat):
-                runs[package.name].append(await serializable_run(context, package, cluster.primary, workers))
-        metrics = {name: serializable_metrics(package_runs) for name, package_runs in runs.items()}
-        data[f"workers={workers}"] = metrics
-        label = f"SERIALIZABLE counter, {workers} worker{'s' if workers > 1 else ''}"
-        per_run = f" per {context.settings.duration:g} s run" + (f" (mean of {repeats})" if repeats > 1 else "")
-        for key, metric in (
-            ("commits_per_s", "commits/s"),
-            ("failed", "calls failed after retries" + per_run),
-            ("attempts_per_call", "attempts per call (mean)"),
-            ("p50_ms", "call latency p50 ms"),
-            ("p95_ms", "call latency p95 ms"),
-            ("p99_ms", "call latency p99 ms"),
-        ):
-            rows.append(Row(label, metric, metrics["reference"][key], metrics["ours"][key]))
-    context.data["serializable"] = data
+        for round_number in range(rounds):
+            for package in context.packages(index + round_number):
+                runs[package.name].append(
+                    await contention_run(context, package, cluster.primary, workload, round_number)
+                )
+        data[workload.key] = {
+            "label": workload.label,
+            "runs": runs,
+            "zero_failures": workload.zero_failures,
+            "goals": workload.goals,
+        }
+        label = f"{workload.label} ({rounds} rounds of {context.settings.duration:g} s)"
+        for key, metric in CONTENTION_METRICS:
+            reference = [run[key] for run in runs["reference"]]
+            ours = [run[key] for run in runs["ours"]]
+            ratios = tuple(
+                mine / theirs for mine, theirs in zip(ours, reference, strict=True) if theirs and not math.isnan(theirs)
+            )
+            rows.append(
+                Row(
+                    label,
+                    metric + " (median of rounds)",
+                    statistics.median(reference),
+                    statistics.median(ours),
+                    ratios if len(ratios) == len(ours) else (),
+                )
+            )
+    context.data["contention"] = data
     return rows
 
 
@@ -1023,24 +1138,10 @@ def goals(data: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
             worst <= 1.5,
             ", ".join(f"k={k}: {ratio:.2f}x" for k, ratio in ratios),
         )
-    if "serializable" in data:
-        s32 = data["serializable"][f"workers={max(WORKERS)}"]
-        ours, ref = s32["ours"], s32["reference"]
-        goal(
-            "SERIALIZABLE, 32 workers: commits/s ≥ reference",
-            ours["commits_per_s"] >= ref["commits_per_s"],
-            f"{ours['commits_per_s']:.0f} vs {ref['commits_per_s']:.0f}",
-        )
-        goal(
-            "SERIALIZABLE, 32 workers: failed calls ≤ reference",
-            ours["failed"] <= ref["failed"],
-            f"{fmt(ours['failed'])} vs {fmt(ref['failed'])} per run",
-        )
-        goal(
-            "SERIALIZABLE, 32 workers: p99 ≤ 165 ms",
-            ours["p99_ms"] <= 165,
-            f"{ours['p99_ms']:.0f} ms (reference {ref['p99_ms']:.0f} ms)",
-        )
+    if "contention" in data:
+        for entry in data["contention"].values():
+            if entry["goals"]:
+                contention_goals(entry, goal)
     if "restart" in data:
         for mode, metrics in data["restart"].items():
             ours = metrics["ours"]
@@ -1068,6 +1169,37 @@ def goals(data: dict[str, typing.Any]) -> list[dict[str, typing.Any]]:
             f"{spread['reference'][0]:.0f} to {spread['reference'][2]:.0f})",
         )
     return found
+
+
+def contention_goals(entry: dict[str, typing.Any], goal: typing.Callable[[str, bool, str], None]) -> None:
+    """Issue 10's goals for one workload, each judged on the median of the per-round ratios."""
+    runs = entry["runs"]
+
+    def ratios(key: str) -> list[float]:
+        return [ours[key] / ref[key] for ours, ref in zip(runs["ours"], runs["reference"], strict=True) if ref[key]]
+
+    def spread(key: str) -> str:
+        found = ratios(key)
+        if not found:
+            return "—"
+        return f"{statistics.median(found):.2f} (rounds {min(found):.2f} to {max(found):.2f})"
+
+    def median_ratio(key: str) -> float:
+        found = ratios(key)
+        return statistics.median(found) if found else math.nan
+
+    label = entry["label"]
+    goal(f"{label}: calls/s ≥ 1.0x", median_ratio("calls_per_s") >= 1.0, spread("calls_per_s"))
+    goal(f"{label}: p50 ≤ 1.1x", median_ratio("p50_ms") <= 1.1, spread("p50_ms"))
+    goal(f"{label}: p99 ≤ 0.2x", median_ratio("p99_ms") <= 0.2, spread("p99_ms"))
+    ours_failed = [run["failed"] for run in runs["ours"]]
+    ref_failed = [run["failed"] for run in runs["reference"]]
+    met = sum(ours_failed) <= sum(ref_failed) and (not entry["zero_failures"] or sum(ours_failed) == 0)
+    goal(
+        f"{label}: failed calls ≤ reference's" + (", and 0" if entry["zero_failures"] else ""),
+        met,
+        f"{ours_failed} vs {ref_failed} per round",
+    )
 
 
 # -- main -----------------------------------------------------------------------------------------------------
@@ -1108,12 +1240,12 @@ async def run(context: Context, only: set[str]) -> tuple[list[Row], list[list[st
     if "connect" in only:
         print("connect latency with hanging hosts ...", flush=True)
         rows += await bench_connect(context)
-    if only & {"serializable", "disconnects", "restart"}:
+    if only & {"contention", "disconnects", "restart"}:
         async with running_cluster(context, standbys=1) as cluster:
             await create_schema(cluster.primary)
-            if "serializable" in only:
-                print("contended SERIALIZABLE counter ...", flush=True)
-                rows += await bench_serializable(context, cluster)
+            if "contention" in only:
+                print("contention: hot row, spread transfers, rare conflicts ...", flush=True)
+                rows += await bench_contention(context, cluster)
             if "disconnects" in only:
                 print("pre-ping vs retry on invalidation (ours) ...", flush=True)
                 seed = await bench_disconnects(context, cluster)
@@ -1134,7 +1266,7 @@ def report(context: Context, rows: list[Row], seed: list[list[str]] | None, meta
     parts = [
         markdown_table(
             ["scenario", "metric", reference, ours, "ours / reference"],
-            ([row.scenario, row.metric, fmt(row.reference), fmt(row.ours), fmt_ratio(row.ratio)] for row in rows),
+            ([row.scenario, row.metric, fmt(row.reference), fmt(row.ours), row.ratio_text] for row in rows),
         )
     ]
     if seed is not None:
@@ -1145,7 +1277,7 @@ def report(context: Context, rows: list[Row], seed: list[list[str]] | None, meta
     found = context.goals
     if found:
         parts.append(
-            "Goals (issue 5):\n\n"
+            "Goals (issues 5 and 10):\n\n"
             + markdown_table(
                 ["goal", "met", "measured"], ([g["goal"], "yes" if g["met"] else "**no**", g["detail"]] for g in found)
             )
@@ -1186,6 +1318,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs: checks the harness, numbers are rough")
     parser.add_argument("--json", type=pathlib.Path, default=RESULTS / "latest.json", help="where to write the JSON")
     parser.add_argument("--only", nargs="+", choices=ALL_SCENARIOS, default=list(ALL_SCENARIOS), metavar="NAME")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=[workload.key for workload in WORKLOADS],
+        default=[workload.key for workload in WORKLOADS],
+        metavar="KEY",
+        help="contention workloads to run: " + ", ".join(workload.key for workload in WORKLOADS),
+    )
     args = parser.parse_args()
     settings = Settings.make(quick=args.quick)
     started = time.monotonic()
@@ -1195,7 +1335,8 @@ def main() -> int:
     shutil.rmtree(RESULTS / "logs", ignore_errors=True)
     (RESULTS / "logs").mkdir()
     with tempfile.TemporaryDirectory(prefix="db-retry-bench-") as workdir:
-        context = Context(settings, reference, ours, pathlib.Path(workdir))
+        workloads = [workload for workload in WORKLOADS if workload.key in args.workloads]
+        context = Context(settings, reference, ours, pathlib.Path(workdir), workloads)
         try:
             rows, seed = asyncio.run(run(context, set(args.only)))
         except BenchmarkError as exc:

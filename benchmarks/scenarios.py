@@ -14,6 +14,7 @@ import collections
 import gc
 import importlib.metadata
 import json
+import random
 import struct
 import sys
 import time
@@ -146,27 +147,75 @@ async def connect(params: Params) -> Result:
     }
 
 
-# -- contended SERIALIZABLE counter ------------------------------------------------------------
-async def serializable(params: Params) -> Result:
-    """Workers incrementing one row (read, then update) in SERIALIZABLE transactions under ``postgres_retry``."""
-    workers: int = params["workers"]
-    engine = make_engine(params["dsn"], pool_size=workers)
-    session_factory = async_sessionmaker(engine, expire_on_commit=False)
+# -- contention: one hot row, transfers spread over many rows, rare unrelated conflicts ----------------
+SELECT_BALANCES: typing.Final = sa.text("SELECT id, balance FROM bench_accounts WHERE id IN (:a, :b)")
+MOVE: typing.Final = sa.text("UPDATE bench_accounts SET balance = balance + :delta, moves = moves + 1 WHERE id = :id")
+# The rare-conflict workload's conflict: asyncpg's own error class for 40001, as its driver raises it.
+CONFLICT_MESSAGE: typing.Final = "could not serialize access due to read/write dependencies among transactions"
 
-    attempts = 0
 
-    @postgres_retry
-    async def increment() -> None:
-        nonlocal attempts
-        attempts += 1
+Unit: typing.TypeAlias = typing.Callable[[list[bool]], typing.Awaitable[None]]
+
+
+def workload(name: str, params: Params, session_factory: async_sessionmaker[typing.Any]) -> Unit:
+    """The undecorated work of one call of a contention scenario; its argument is the call's own state."""
+    rng = random.Random(params["seed"])
+    accounts: int = params.get("accounts", 0)
+    io_s: float = params.get("io_s", 0.0)
+    conflict_share: float = params.get("conflict_share", 0.0)
+
+    async def hot(_: list[bool]) -> None:
         async with Transaction(session=session_factory(), isolation_level="SERIALIZABLE") as transaction:
             value = (await transaction.session.execute(SELECT_COUNTER)).scalar_one()
             await transaction.session.execute(UPDATE_COUNTER, {"n": value + 1})
             await transaction.commit()
 
+    async def spread(_: list[bool]) -> None:
+        source, target = rng.sample(range(1, accounts + 1), 2)
+        async with Transaction(session=session_factory(), isolation_level="SERIALIZABLE") as transaction:
+            balances = dict((await transaction.session.execute(SELECT_BALANCES, {"a": source, "b": target})).all())
+            amount = 1 if balances[source] > 0 else 0
+            await transaction.session.execute(MOVE, {"delta": -amount, "id": source})
+            await transaction.session.execute(MOVE, {"delta": amount, "id": target})
+            await transaction.commit()
+
+    async def rare(attempted: list[bool]) -> None:
+        conflicts = not attempted and rng.random() < conflict_share
+        attempted.append(True)
+        await asyncio.sleep(io_s)  # the call's I/O: a query, another service; redone on a retry
+        if conflicts:  # this call lost a conflict on rows no other call wants, once
+            raise asyncpg.SerializationError(CONFLICT_MESSAGE)
+
+    units: dict[str, Unit] = {"hot": hot, "spread": spread, "rare": rare}
+    return units[name]
+
+
+async def contention(params: Params) -> Result:
+    """Workers looping over one decorated call for ``duration`` seconds; every call's start, end and outcome.
+
+    ``workload``: ``hot`` (read then write one row, SERIALIZABLE), ``spread`` (a transfer between two
+    random accounts, SERIALIZABLE), ``rare`` (I/O, then a short read; a share of the calls meet one
+    conflict). After ``@READY`` it waits for ``go START_AT`` on stdin (a ``time.monotonic()`` value) and
+    starts then, so the processes of one round start together.
+    """
+    workers: int = params["workers"]
+    engine = make_engine(params["dsn"], pool_size=workers)
+    session_factory = async_sessionmaker(engine, expire_on_commit=False)
+    unit = workload(params["workload"], params, session_factory)
+    attempts = 0
+
+    @postgres_retry
+    async def run_once(state: list[bool]) -> None:
+        nonlocal attempts
+        attempts += 1
+        await unit(state)
+
     await fill_pool(engine, workers)
     calls: list[tuple[float, float, bool]] = []
     errors: collections.Counter[str] = collections.Counter()
+    emit("READY")
+    command = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go START_AT"
+    await asyncio.sleep(max(0.0, float(command.split()[1]) - time.monotonic()))  # all processes of a round at once
     start = time.monotonic()
     deadline = start + params["duration"]
 
@@ -174,7 +223,7 @@ async def serializable(params: Params) -> Result:
         while time.monotonic() < deadline:
             began = time.monotonic()
             try:
-                await increment()
+                await run_once([])
             except Exception as exc:  # noqa: BLE001 - a call that failed after its retries is a result
                 errors[error_name(exc)] += 1
                 calls.append((began, time.monotonic(), False))
@@ -461,7 +510,7 @@ async def terminate_pooled(host: str, port: int) -> int:
 SCENARIOS: typing.Final[dict[str, typing.Callable[[Params], typing.Coroutine[typing.Any, typing.Any, Result]]]] = {
     "overhead": overhead,
     "connect": connect,
-    "serializable": serializable,
+    "contention": contention,
     "callers": callers,
     "disconnects": disconnects,
 }

@@ -161,6 +161,10 @@ async def _probe(address: HostPort, plan: ConnectionPlan) -> _Probe:
             identity = await _identify(connection, address, latency)
             row = await connection.fetchrow(_STATUS_QUERY)
             await connection.close()
+    except asyncio.CancelledError:
+        if connection is not None:  # the caller gave up on the check: leave no session behind
+            connection.terminate()
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure of a host is a line in the report
         if connection is not None:
             connection.terminate()

@@ -1,25 +1,36 @@
 """``postgres_retry``: retry a coroutine when PostgreSQL reports a transient failure.
 
 The success path is one ``try`` around one ``await``; the retry machinery (settings, tenacity
-objects) is built only after a first failure that is worth retrying.
+objects) is built only after a first failure that is worth retrying. Nothing is shared between
+calls: contention is handled by each call's own full-jitter backoff (``architecture/retry.md``).
 """
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
 import logging
+import math
+import random
+import threading
+import time
 import typing
 import weakref
 
+import sqlalchemy as sa
 import tenacity
+from sqlalchemy import orm
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from db_retry.engine import resolving_commits
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
-from db_retry.settings import RetrySettings, get_settings
+from db_retry.settings import RetrySettings, SettingsError, get_settings
+from db_retry.transaction import cannot_continue
 from db_retry.validation import check_number
 
 
@@ -30,6 +41,7 @@ _T = typing.TypeVar("_T")
 _Q = typing.ParamSpec("_Q")
 _R = typing.TypeVar("_R")
 Sleep: typing.TypeAlias = typing.Callable[[float], typing.Awaitable[None]]
+Uniform: typing.TypeAlias = typing.Callable[[float, float], float]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,11 +71,25 @@ class RetryEvent:
         }
 
 
+class _full_jitter(tenacity.wait_exponential):  # noqa: N801 - named like tenacity's strategies
+    """Uniform in ``[0, min(max, multiplier * 2**(n-1))]``: tenacity's exponential ceiling, full jitter.
+
+    ``uniform`` is :func:`random.uniform` unless a test gives its own.
+    """
+
+    def __init__(self, *, multiplier: float, max: float, uniform: Uniform = random.uniform) -> None:  # noqa: A002
+        super().__init__(multiplier=multiplier, max=max)
+        self.uniform = uniform
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return self.uniform(0.0, super().__call__(retry_state))
+
+
 class wait_for_error(wait_base):  # noqa: N801 - named like tenacity's strategies
     """Full-jitter exponential waits chosen by the kind of the last failure.
 
-    Conflicts (``40001``, ``40P01``) wait milliseconds; a lost or unreachable server waits longer,
-    up to a cap, so a caller notices quickly that the server is back.
+    Conflicts (``40001``, ``40P01``) start at milliseconds and grow to a cap; a lost or unreachable
+    server waits longer, up to its own cap, so a caller notices quickly that the server is back.
     """
 
     def __init__(self, *, conflict: wait_base, outage: wait_base) -> None:
@@ -71,13 +97,10 @@ class wait_for_error(wait_base):  # noqa: N801 - named like tenacity's strategie
         self.outage = outage
 
     @classmethod
-    def from_settings(cls, settings: RetrySettings) -> "wait_for_error":
+    def from_settings(cls, settings: RetrySettings, *, uniform: Uniform = random.uniform) -> "wait_for_error":
         return cls(
-            conflict=tenacity.wait_random_exponential(
-                multiplier=settings.conflict_delay,
-                max=settings.conflict_max_delay,
-            ),
-            outage=tenacity.wait_random_exponential(multiplier=settings.outage_delay, max=settings.outage_max_delay),
+            conflict=_full_jitter(multiplier=settings.conflict_delay, max=settings.conflict_max_delay, uniform=uniform),
+            outage=_full_jitter(multiplier=settings.outage_delay, max=settings.outage_max_delay, uniform=uniform),
         )
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
@@ -92,66 +115,244 @@ def _failure_kind(retry_state: tenacity.RetryCallState) -> ErrorKind | None:
     return classify(error) if error is not None else None
 
 
-class _Budget(stop_base):
-    """Stop after ``attempts`` attempts that ran the work, or when time is up.
+# The longest a call waits for its turn at a hot spot (a turn stuck in a slow query holds nobody longer).
+_PATIENCE: typing.Final = 1.0
 
-    Attempts that could not reach a usable server at all (:attr:`ErrorKind.UNAVAILABLE`) did not run
-    the work; they do not count, and are bounded by ``outage_timeout`` instead.
+
+class _Budget(stop_base):
+    """When to stop retrying one call; every limit runs from the call's first failure.
+
+    - ``attempts``: attempts that ran the work (conflicts and outages). With ``conflict_timeout``
+      set, conflicts do not count here and stop after that many seconds instead.
+    - ``outage_timeout``: attempts that could not reach a usable server at all
+      (:attr:`ErrorKind.UNAVAILABLE`) did not run the work; they never count, and stop after this.
+    - ``timeout``: the whole retry, whatever failed.
     """
 
-    def __init__(self, *, attempts: int, outage_timeout: float, timeout: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        attempts: int,
+        conflict_timeout: float | None,
+        outage_timeout: float,
+        timeout: float | None,
+        clock: typing.Callable[[], float] = time.monotonic,
+    ) -> None:
         self.attempts = attempts
+        self.conflict_timeout = conflict_timeout
         self.outage_timeout = outage_timeout
         self.timeout = timeout
+        self.clock = clock
+        self.started = clock()
         self._counted = 0
+
+    def _limit(self, kind: ErrorKind | None) -> float | None:
+        if kind is ErrorKind.UNAVAILABLE:
+            return self.outage_timeout
+        if kind is ErrorKind.CONFLICT:
+            return self.conflict_timeout
+        return None
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         kind = _failure_kind(retry_state)
-        elapsed = retry_state.seconds_since_start or 0.0
-        if kind is not ErrorKind.UNAVAILABLE:  # tenacity asks once per failed attempt
+        elapsed = self.clock() - self.started
+        limit = self._limit(kind)
+        if limit is None:  # tenacity asks once per failed attempt
             self._counted += 1
         if self.timeout is not None and elapsed >= self.timeout:
             return True
-        if kind is ErrorKind.UNAVAILABLE:
-            return elapsed >= self.outage_timeout
+        if limit is not None:
+            return elapsed >= limit
         return self._counted >= self.attempts
 
+    def remaining_after_conflict(self) -> float:
+        """Seconds left for retrying conflicts (the time budgets that apply to them)."""
+        elapsed = self.clock() - self.started
+        limits = [limit - elapsed for limit in (self.conflict_timeout, self.timeout) if limit is not None]
+        return max(0.0, min(limits, default=_PATIENCE))
+
     def remaining(self, retry_state: tenacity.RetryCallState) -> float:
-        elapsed = retry_state.seconds_since_start or 0.0
-        limits = [self.outage_timeout - elapsed] if _failure_kind(retry_state) is ErrorKind.UNAVAILABLE else []
+        elapsed = self.clock() - self.started
+        limit = self._limit(_failure_kind(retry_state))
+        limits = [limit - elapsed] if limit is not None else []
         if self.timeout is not None:
             limits.append(self.timeout - elapsed)
         return max(0.0, min(limits, default=float("inf")))
 
 
-# How long a queued caller waits for its turn, in conflict waits (``conflict_max_delay``): a queue of
-# callers whose attempts take a few milliseconds each drains well within it; a stuck turn does not hold
-# the others for longer.
-_GATE_PATIENCE: typing.Final = 10
-_GATES: typing.Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]] = (
-    weakref.WeakKeyDictionary()
+# Additive increase of the hot-spot limit per call that gets through, over the limit (AIMD).
+_INCREASE: typing.Final = 0.1
+# A call waiting for a turn longer than this goes before newer ones (seconds).
+_FAIR_AFTER: typing.Final = 0.2
+# Each call that gets through a hot spot shrinks the pause ceiling by this factor (a conflict doubles it).
+_PAUSE_DECAY: typing.Final = 0.9
+
+
+_HELD: typing.Final[contextvars.ContextVar[frozenset[int]]] = contextvars.ContextVar(
+    "db_retry_held",
+    default=frozenset(),
 )
 
 
-@contextlib.asynccontextmanager
-async def _conflict_gate(function: str, patience: float) -> typing.AsyncIterator[None]:
-    """Let the retries of ``function`` that follow a conflict run one at a time (per event loop).
+class _HotSpot:
+    """Turns for the calls of one decorated function in one event loop, while it is a hot spot (AIMD).
 
-    Callers that just lost a serialization conflict or a deadlock usually contend for the same rows:
-    run together again, all but one lose again. Queued, each runs alone against at most the first
-    attempts of other calls. A caller waits at most ``patience`` seconds for its turn, then goes ahead.
+    Not engaged (no limit, no turns) until a retry after a conflict conflicts again: the calls then
+    contend for the same rows, and running them all together only makes them lose again. Engaged,
+    every call of the function in this loop takes a turn:
+
+    - a conflict halves the limit (down to 1); a call that gets through raises it by
+      ``_INCREASE / limit``; once the limit holds nobody back, the function runs freely again;
+    - a conflict at a limit of 1 came from outside this loop (another process, another function):
+      turns pause for a full-jitter wait that doubles with each such conflict, so processes that
+      share the hot spot spread out like one call's retries do;
+    - the newest waiter goes first, so most calls pass quickly, but any waiter older than
+      ``_FAIR_AFTER`` goes before it, so none waits much longer than that;
+    - a call waits at most ``patience`` seconds, then goes ahead without a turn; a nested or
+      recursive call inside a turn never waits.
     """
-    lock = _GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(function, asyncio.Lock())
-    try:
-        async with asyncio.timeout(patience):
-            await lock.acquire()
-    except TimeoutError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
+
+    __slots__ = (
+        "__weakref__",
+        "delays",
+        "limit",
+        "notify",
+        "pause",
+        "resume_at",
+        "running",
+        "uniform",
+        "waiters",
+        "waking",
+    )
+
+    def __init__(self, notify: typing.Callable[[int], None], *, uniform: Uniform = random.uniform) -> None:
+        self.notify = notify  # +1 when engaged, -1 when released: the decorator's cheap "is it hot?" count
+        self.uniform = uniform
+        self.limit = math.inf
+        self.running = 0
+        self.waiters: collections.deque[tuple[float, asyncio.Future[bool]]] = collections.deque()
+        self.delays = (0.005, 0.1)  # base and cap of the pauses: the conflict waits of the latest retry
+        self.pause = 0.0  # ceiling of the current pause
+        self.resume_at = 0.0  # loop time before which no turn starts
+        self.waking: asyncio.TimerHandle | None = None
+
+    def __del__(self) -> None:
+        if self.engaged:  # its event loop is gone while the function was hot there
+            self.notify(-1)
+
+    @property
+    def engaged(self) -> bool:
+        return self.limit < math.inf
+
+    @contextlib.asynccontextmanager
+    async def turn(self, *, patience: float, retry: bool) -> typing.AsyncIterator[None]:
+        """Run the body as one attempt of the function; its outcome adjusts the limit."""
+        held = _HELD.get()
+        if id(self) in held:  # nested in a turn of the same function: waiting for ourselves would stall
+            yield
+            return
+        granted = await self._acquire(patience)
+        token = _HELD.set(held | {id(self)})
+        try:
+            yield
+        except Exception as exc:
+            if (retry or self.engaged) and classify(exc) is ErrorKind.CONFLICT:
+                self._conflicted()
+            raise
+        else:
+            self._succeeded()
+        finally:
+            _HELD.reset(token)
+            if granted:
+                self.running -= 1
+            self._wake()
+
+    def _conflicted(self) -> None:
+        if not self.engaged:
+            self.notify(1)
+        elif self.limit <= 1 and self.running == 1:  # it ran alone here and still lost: the rival is elsewhere
+            base, cap = self.delays
+            self.pause = min(cap, max(base, self.pause * 2))
+            now = asyncio.get_running_loop().time()
+            self.resume_at = max(self.resume_at, now + self.uniform(0.0, self.pause))
+        self.limit = max(1.0, min(self.limit, self.running) / 2)
+
+    def _succeeded(self) -> None:
+        if not self.engaged:
+            return
+        self.pause *= _PAUSE_DECAY
+        self.limit += _INCREASE / self.limit
+        if self.limit > self.running + len(self.waiters) + 1:  # the limit no longer holds anyone back
+            self.limit = math.inf
+            self.pause = 0.0
+            self.notify(-1)
+
+    async def _acquire(self, patience: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if self.running + 1 <= self.limit and not self.waiters and loop.time() >= self.resume_at:
+            self.running += 1
+            return True
+        waiter: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(patience, _give_up_waiting, waiter)
+        entry = (loop.time(), waiter)
+        self.waiters.append(entry)
+        self._wake()
+        try:
+            return await waiter  # True: granted (``running`` already counts it); False: patience ran out
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.running -= 1
+                self._wake()
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(entry)
+
+    def _wake(self) -> None:
+        if not self.waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now < self.resume_at:
+            if self.waking is None or self.waking.when() != self.resume_at:
+                if self.waking is not None:
+                    self.waking.cancel()
+                self.waking = loop.call_at(self.resume_at, self._wake)
+            return
+        while self.waiters and self.running + 1 <= self.limit:
+            oldest = now - self.waiters[0][0] >= _FAIR_AFTER
+            _, waiter = self.waiters.popleft() if oldest else self.waiters.pop()
+            if not waiter.done():
+                waiter.set_result(True)
+                self.running += 1
+
+
+def _give_up_waiting(waiter: asyncio.Future[bool]) -> None:
+    with contextlib.suppress(asyncio.InvalidStateError):  # granted (or cancelled) just before
+        waiter.set_result(False)
+
+
+_OWNERS: typing.Final = (AsyncSession, orm.Session, AsyncConnection, sa.Connection)
+
+
+def _caller_transaction(args: tuple[object, ...], kwargs: dict[str, object]) -> str | None:
+    """Which argument holds an open transaction that cannot continue (a session or connection the caller owns)."""
+    named = [(f"argument {index + 1}", value) for index, value in enumerate(args)] + [
+        (f"argument {name!r}", value) for name, value in kwargs.items()
+    ]
+    for where, value in named:
+        if isinstance(value, _OWNERS) and cannot_continue(value):
+            return f"{where} ({type(value).__name__})"
+    return None
+
+
+_CALLER_NOTE: typing.Final = (
+    "db-retry did not retry {function}: the transaction of {owner} was begun outside the retried "
+    "function and can no longer continue. Retrying inside it would fail with 25P02 or commit only "
+    "part of the caller's work. Begin the transaction inside the retried function (Transaction, "
+    "session.begin(), engine.begin()), or retry the caller's whole unit of work."
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,8 +365,41 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
-    # Counts the calls of the function retrying after a conflict (+1 / -1); lives in the wrapper's closure.
-    count_conflicted: typing.Callable[[int], None]
+    count_hot: typing.Callable[[int], None]  # the decorator's count of loops where the function is a hot spot
+    # One hot-spot state per event loop the function runs in: lives as long as the decorated function and the loop.
+    spots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HotSpot] = dataclasses.field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def hot_spot(self) -> _HotSpot:
+        """The function's contention state in the running event loop (each loop, so each thread, has its own)."""
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            spot = self.spots.get(loop)
+            if spot is None:
+                spot = self.spots[loop] = _HotSpot(self._count_hot)
+        return spot
+
+    def _count_hot(self, delta: int) -> None:
+        with self.lock:
+            self.count_hot(delta)
+
+    async def run_hot(
+        self, call: typing.Callable[[], typing.Awaitable[_T]], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> _T:
+        """A first attempt while the function is a hot spot in some loop: take a turn if it is one in this loop."""
+        spot = self.hot_spot()
+        try:
+            if not spot.engaged:
+                return await call()
+            async with spot.turn(patience=_PATIENCE, retry=False):
+                return await call()
+        except Exception as exc:
+            if self.retried_kind(exc) is None:
+                raise
+            first_error = exc
+        return await self.run(first_error, call, args, kwargs)
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -173,49 +407,50 @@ class _Policy:
             return kind
         return None
 
-    async def run_queued(self, call: typing.Callable[[], typing.Awaitable[_T]]) -> _T:
-        """A call that came in while others of its function retry a conflict: its turn comes after theirs."""
-        try:
-            async with _conflict_gate(self.function, get_settings().conflict_max_delay * _GATE_PATIENCE):
-                return await call()
-        except Exception as exc:
-            if self.retried_kind(exc) is None:
-                raise
-            first_error = exc
-        return await self.run(first_error, call, queued=True)
-
     async def run(
         self,
         first_error: Exception,
         call: typing.Callable[[], typing.Awaitable[_T]],
-        *,
-        queued: bool = False,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
     ) -> _T:
         """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
-        settings = get_settings()
+        settings = self._settings(first_error)
+        explicit = self.retries is not None or settings.retries_set
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
+            conflict_timeout=None if explicit else settings.conflict_timeout,
             outage_timeout=settings.outage_timeout,
             timeout=self.timeout if self.timeout is not None else settings.timeout,
         )
         base_wait = self.wait or wait_for_error.from_settings(settings)
+        blocked: list[str] = []
 
         def wait(retry_state: tenacity.RetryCallState) -> float:
             return min(float(base_wait(retry_state)), budget.remaining(retry_state))
 
+        def should_retry(exc: BaseException) -> bool:
+            if self.retried_kind(exc) is None:
+                return False
+            owner = _caller_transaction(args, kwargs)
+            if owner is None:
+                return True
+            exc.add_note(_CALLER_NOTE.format(function=self.function, owner=owner))
+            blocked.append(owner)
+            return False
+
         retrying = tenacity.AsyncRetrying(
             stop=self.stop or budget,
             wait=wait,
-            retry=tenacity.retry_if_exception(lambda exc: self.retried_kind(exc) is not None),
+            retry=tenacity.retry_if_exception(should_retry),
             before_sleep=self._before_sleep,
             sleep=self.sleep or asyncio.sleep,
             reraise=True,
         )
         pending: Exception | None = first_error
-        conflicted = classify(first_error) is ErrorKind.CONFLICT
-        gated = queued or conflicted
-        if conflicted:
-            self.count_conflicted(1)
+        last: Exception = first_error
+        spot = self.hot_spot()
+        spot.delays = (settings.conflict_delay, settings.conflict_max_delay)
         try:
             async for attempt in retrying:  # pragma: no branch - tenacity ends it by returning or raising
                 with attempt:
@@ -223,22 +458,31 @@ class _Policy:
                         error, pending = pending, None
                         raise error  # the first attempt already ran: let tenacity account for it
                     try:
-                        if not gated:
+                        if classify(last) is not ErrorKind.CONFLICT:
                             return await call()
-                        async with _conflict_gate(self.function, settings.conflict_max_delay * _GATE_PATIENCE):
+                        patience = min(_PATIENCE, budget.remaining_after_conflict())
+                        async with spot.turn(patience=patience, retry=True):
                             return await call()
                     except Exception as exc:
-                        if not conflicted and classify(exc) is ErrorKind.CONFLICT:
-                            conflicted = gated = True
-                            self.count_conflicted(1)
+                        last = exc
                         raise
         except Exception as exc:
-            self._give_up(exc, retrying.statistics.get("attempt_number", 1))
+            reason = f"the caller owns the transaction of {blocked[0]}" if blocked else None
+            self._give_up(exc, retrying.statistics.get("attempt_number", 1), reason=reason)
             raise
-        finally:
-            if conflicted:
-                self.count_conflicted(-1)
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
+
+    def _settings(self, first_error: Exception) -> RetrySettings:
+        """The settings; if a variable went bad since decoration, ``first_error`` is raised with a note instead."""
+        try:
+            return get_settings()
+        except SettingsError as exc:
+            problem = exc
+        # Raised outside the ``except`` block: the database error stays the one callers catch, with its
+        # chain untouched; the bad setting is named in a note.
+        first_error.add_note(f"db-retry did not retry {self.function}: {problem}")
+        self._give_up(first_error, 1, reason="invalid settings")
+        raise first_error
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
         outcome = retry_state.outcome
@@ -269,7 +513,7 @@ class _Policy:
             except Exception:
                 logger.exception("on_retry hook of %s failed; the retry goes on", self.function)
 
-    def _give_up(self, error: Exception, attempts: int) -> None:
+    def _give_up(self, error: Exception, attempts: int, *, reason: str | None) -> None:
         kind = self.retried_kind(error)
         fields = {
             "db_retry_function": self.function,
@@ -278,7 +522,17 @@ class _Policy:
             "db_retry_sqlstate": sqlstate_on_chain(error),
             "db_retry_error_class": f"{type(error).__module__}.{type(error).__qualname__}",
         }
-        if kind is None:
+        if reason is not None:
+            logger.warning(
+                "not retrying %s after attempt %d failed with %s (sqlstate %s): %s",
+                self.function,
+                attempts,
+                fields["db_retry_error_class"],
+                fields["db_retry_sqlstate"],
+                reason,
+                extra=fields,
+            )
+        elif kind is None:
             logger.info(
                 "%s failed on attempt %d with a non-transient %s; not retrying",
                 self.function,
@@ -349,8 +603,11 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]] | _Decorator:
     """Retry an ``async def`` when PostgreSQL reports a transient failure.
 
-    ``retries`` is the total number of attempts that run the work (default: ``DB_RETRY_RETRIES_NUMBER``,
-    read at call time). ``timeout`` bounds the time spent retrying one call, from its first failure.
+    ``retries`` is the total number of attempts that run the work, conflicts included (default:
+    ``DB_RETRY_RETRIES_NUMBER``, read at call time; when neither is set, conflicts are retried for
+    ``DB_RETRY_CONFLICT_TIMEOUT`` seconds instead). ``timeout`` bounds the time spent retrying one
+    call, from its first failure. A call is not retried inside a transaction its caller began that
+    can no longer continue (a session or connection argument): the error propagates with a note.
     ``wait`` / ``stop`` replace the built-in tenacity strategies. ``retry_ambiguous_commit`` retries a
     :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``resolve_commit`` asks
     the server whether a COMMIT whose answer was lost committed (one more round trip per write
@@ -359,6 +616,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     """
     check_number("retries", retries, minimum=1, inclusive=True, integer=True, allow_none=True)
     check_number("timeout", timeout, unit="seconds", allow_none=True)
+    get_settings()  # a bad DB_RETRY_* value fails here, at decoration, naming the variable and the value
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],
@@ -368,14 +626,14 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             raise TypeError(msg)
         if resolve_commit:
             f = resolving_commits(f)
-        conflicted = 0  # calls of ``f`` retrying after a conflict right now
+        hot = 0  # event loops in which this function is a hot spot right now
 
-        def count_conflicted(delta: int) -> None:
-            nonlocal conflicted
-            conflicted += delta
+        def count_hot(delta: int) -> None:
+            nonlocal hot
+            hot += delta
 
         policy = _Policy(
-            count_conflicted=count_conflicted,
+            count_hot=count_hot,
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,
@@ -388,8 +646,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
 
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if conflicted:  # a hot spot right now: queue behind the calls retrying it (a closure cell: cheap)
-                return await policy.run_queued(functools.partial(f, *args, **kwargs))
+            if hot:  # a hot spot in some event loop (a closure cell: cheap); turns are per loop
+                return await policy.run_hot(functools.partial(f, *args, **kwargs), args, kwargs)
             try:
                 return await f(*args, **kwargs)
             except Exception as exc:
@@ -397,7 +655,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
                     raise
                 first_error = exc
             # Outside the ``except`` block, so later attempts' errors do not get the first one as context.
-            return await policy.run(first_error, functools.partial(f, *args, **kwargs))
+            return await policy.run(first_error, functools.partial(f, *args, **kwargs), args, kwargs)
 
         return retrying
 

@@ -14,6 +14,7 @@ import types
 import typing
 
 import sqlalchemy as sa
+from sqlalchemy import orm as sa_orm
 from sqlalchemy.engine.interfaces import IsolationLevel
 from sqlalchemy.ext import asyncio as sa_async
 
@@ -25,13 +26,14 @@ __all__ = ["CommitOutcomeUnknownError", "Transaction", "cannot_continue"]
 logger = logging.getLogger("db_retry.transaction")
 
 
-def _held_connections(session: sa_async.AsyncSession) -> list[sa.Connection]:
+def _held_connections(session: sa_async.AsyncSession | sa_orm.Session) -> list[sa.Connection]:
     """The connections the session's transaction already holds.
 
     SQLAlchemy has no public accessor for them; this is the one place that reads the private
     ``SessionTransaction._connections`` (a test fails loudly if that ever changes).
     """
-    transaction = session.sync_session.get_transaction()
+    sync_session = session.sync_session if isinstance(session, sa_async.AsyncSession) else session
+    transaction = sync_session.get_transaction()
     held: typing.Mapping[object, tuple[typing.Any, ...]] = getattr(transaction, "_connections", {})
     unique = {id(entry[0]): entry[0] for entry in held.values()}  # keyed by engine and by connection: dedupe
     return list(unique.values())
@@ -44,14 +46,23 @@ def _is_aborted(connection: sa.Connection) -> bool:
     return failed is not None and failed is current and current.is_active
 
 
-def cannot_continue(session: sa_async.AsyncSession) -> bool:
-    """Whether the session's open transaction can only be rolled back (and ``False`` if none is open)."""
-    transaction = session.sync_session.get_transaction()
+def cannot_continue(
+    owner: sa_async.AsyncSession | sa_orm.Session | sa_async.AsyncConnection | sa.Connection,
+) -> bool:
+    """Whether the open transaction of a session or a connection can only be rolled back (``False`` if none is open)."""
+    if isinstance(owner, (sa_async.AsyncConnection, sa.Connection)):
+        connection = owner.sync_connection if isinstance(owner, sa_async.AsyncConnection) else owner
+        begun = connection.get_transaction() if connection is not None else None
+        if connection is None or begun is None:
+            return False
+        return not begun.is_active or connection.invalidated or _is_aborted(connection)
+    sync_session = owner.sync_session if isinstance(owner, sa_async.AsyncSession) else owner
+    transaction = sync_session.get_transaction()
     if transaction is None:
         return False
     if not transaction.is_active:
         return True
-    return any(connection.invalidated or _is_aborted(connection) for connection in _held_connections(session))
+    return any(connection.invalidated or _is_aborted(connection) for connection in _held_connections(owner))
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True, slots=True)

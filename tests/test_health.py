@@ -15,6 +15,7 @@ from db_retry.connections import TARGET_SESSION_ATTRS
 from db_retry.dsn import DSNError, HostPort
 from db_retry.health import HealthReport, HostStatus, check_hosts, format_report
 from db_retry.testing.cluster import PostgresCluster, PostgresNode, free_port
+from db_retry.testing.proxy import FrontendMessage, TcpProxy
 
 
 PASSWORD = "Pw/n0t@2:b3#sh0wn"
@@ -445,3 +446,30 @@ def test_cli_names_the_bad_part_of_a_malformed_dsn(dsn: str, message: str, capsy
     assert captured.out == ""
     assert message in captured.err
     assert "secret" not in captured.err
+
+
+async def test_a_cancelled_check_leaves_no_session_behind(pg_cluster: PostgresCluster) -> None:
+    primary = pg_cluster.primary
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    before = await primary.fetchval(sessions)
+    asking = asyncio.Event()
+    async with TcpProxy(primary.host, primary.port) as proxy:
+
+        def hang_at_the_first_query(message: FrontendMessage) -> bool:
+            if message.kind in {b"P", b"Q"}:  # connected: the check now asks its questions
+                proxy.hang()  # this one reaches the server; its answer is held back
+                asking.set()
+            return False
+
+        proxy.cut_after(hang_at_the_first_query, once=False)
+        check = asyncio.ensure_future(check_hosts(f"postgresql://postgres@{proxy.address}/postgres", timeout=30))
+        await asyncio.wait_for(asking.wait(), 30)
+        check.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await check
+        proxy.pass_through()
+        for _ in range(100):  # the server notices the closed socket
+            if await primary.fetchval(sessions) == before:
+                break
+            await asyncio.sleep(0.02)
+    assert await primary.fetchval(sessions) == before

@@ -2,9 +2,11 @@
 
 import asyncio
 import collections.abc
+import gc
 import inspect
 import logging
 import random
+import threading
 import typing
 
 import asyncpg
@@ -16,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from db_retry import ErrorKind, RetryEvent, Transaction, postgres_retry, wait_for_error
 from db_retry import retry as retry_module
-from db_retry.settings import get_settings
+from db_retry.settings import SettingsError, get_settings
 
 
 async def _no_sleep(_: float) -> None:
@@ -213,56 +215,148 @@ async def test_ambiguous_commits_are_retried_only_on_request() -> None:
 # -- contention -------------------------------------------------------------------------------------
 
 
-async def test_calls_arriving_during_a_conflict_queue_behind_it() -> None:
+async def _spin(turns: int = 200) -> None:
+    """Let the event loop run ``turns`` times: calls that are not waiting for one another finish meanwhile."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_calls_do_not_wait_for_a_call_retrying_a_conflict() -> None:
     release = asyncio.Event()
-    conflicted = asyncio.Event()
-    order: list[str] = []
+    pair = asyncio.Barrier(2)
 
     async def held_sleep(_: float) -> None:
-        await release.wait()  # keeps the first call in its conflict retry while the second arrives
+        await release.wait()  # keeps the first call between its conflict and its retry
 
     @postgres_retry(sleep=held_sleep)
-    async def hot(name: str) -> str:
-        order.append(name)
-        if name == "bug":
-            raise ValueError(name)
-        if order.count(name) == 1 and name != "second":
-            conflicted.set()
+    async def work(name: str) -> str:
+        if name == "conflicted" and not release.is_set():
             raise _Coded("40001")
+        if name != "conflicted":
+            await pair.wait()  # the two fresh calls need each other: neither may queue behind the other
         return name
 
-    first = asyncio.create_task(hot("first"))
-    await conflicted.wait()
-    gates = retry_module._GATES.setdefault(asyncio.get_running_loop(), {})
-    gates.pop(hot.__qualname__, None)
-    assert await hot("second") == "second"  # a conflict is being retried: this call took the gate
-    assert hot.__qualname__ in gates
-    with pytest.raises(ValueError, match="bug"):
-        await hot("bug")  # a queued call's own error still propagates at once
-    third = asyncio.create_task(hot("third"))  # queued, conflicts, and retries like any other
-    await asyncio.sleep(0.01)
+    retrying = asyncio.create_task(work("conflicted"))
+    await _spin()
+    fresh = [asyncio.create_task(work("a")), asyncio.create_task(work("b"))]
+    await _spin()
+    assert all(task.done() for task in fresh)
     release.set()
-    assert list(await asyncio.gather(first, third)) == ["first", "third"]
-    assert order == ["first", "second", "bug", "third", "first", "third"]
-
-    @postgres_retry
-    async def calm() -> str:
-        return "parallel again"
-
-    assert await calm() == "parallel again"
+    assert await retrying == "conflicted"
+    assert [task.result() for task in fresh] == ["a", "b"]
 
 
-async def test_a_stuck_turn_holds_the_queue_only_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DB_RETRY_CONFLICT_MAX_DELAY", "0.005")  # patience: 10 x 5 ms
-    work, calls = _failing([_Coded("40001")])
-    decorated = postgres_retry(sleep=_no_sleep)(work)
-    lock = retry_module._GATES.setdefault(asyncio.get_running_loop(), {}).setdefault(
-        "_failing.<locals>.work",
-        asyncio.Lock(),
-    )
-    async with lock:  # someone else's turn that never ends
-        assert await decorated() == "done"
-    assert len(calls) == 2
+def _same_named() -> collections.abc.Callable[
+    [str, asyncio.Event], collections.abc.Coroutine[typing.Any, typing.Any, str]
+]:
+    """A factory: every function it makes has the same ``__qualname__``, as methods of same-named classes do."""
+    attempts: collections.Counter[str] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def step(name: str, release: asyncio.Event) -> str:
+        attempts[name] += 1
+        if attempts[name] <= (2 if name == "hot" else 1):
+            raise _Coded("40001")  # "hot" conflicts twice: its function becomes a hot spot
+        if name == "hot":
+            await release.wait()  # holds its turn
+        return name
+
+    return step
+
+
+async def test_functions_with_the_same_qualname_do_not_share_turns() -> None:
+    one, other = _same_named(), _same_named()
+    assert one.__qualname__ == other.__qualname__
+    release = asyncio.Event()
+    holding = asyncio.create_task(one("hot", release))
+    await _spin()
+    assert not holding.done()
+    unrelated = asyncio.create_task(other("cold", release))  # conflicts once, then retries
+    await _spin()
+    assert unrelated.done()
+    assert unrelated.result() == "cold"
+    release.set()
+    assert await holding == "hot"
+
+
+async def test_a_nested_or_recursive_call_inside_a_turn_does_not_wait_for_it() -> None:
+    attempts: collections.Counter[int] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def nested(depth: int) -> str:
+        attempts[depth] += 1
+        if attempts[depth] <= 2:
+            raise _Coded("40001")
+        return await nested(depth + 1) if depth == 0 else f"depth {depth}"
+
+    outer = asyncio.create_task(nested(0))
+    await _spin()
+    assert outer.done()
+    assert outer.result() == "depth 1"
+    assert attempts == {0: 3, 1: 3}
+
+
+def test_event_loops_in_two_threads_do_not_share_turns() -> None:
+    hot_in_first = threading.Event()
+    finish_first = threading.Event()
+    attempts: collections.Counter[str] = collections.Counter()
+    barrier: dict[str, asyncio.Barrier] = {}
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work(role: str) -> str:
+        attempts[role] += 1
+        if role == "hot":
+            if attempts[role] <= 2:
+                raise _Coded("40001")
+            hot_in_first.set()
+            await asyncio.to_thread(finish_first.wait)  # holds its turn there
+        else:
+            await barrier["pair"].wait()  # two calls in the second loop that need each other
+        return role
+
+    first = threading.Thread(target=lambda: asyncio.run(work("hot")))
+    first.start()
+    assert hot_in_first.wait(timeout=30)
+    done: list[bool] = []
+
+    async def second_loop() -> None:
+        barrier["pair"] = asyncio.Barrier(2)
+        pair = [asyncio.create_task(work("pair")) for _ in range(2)]
+        await _spin()
+        done.extend(task.done() for task in pair)
+        finish_first.set()
+        await asyncio.gather(*pair)
+
+    second = threading.Thread(target=lambda: asyncio.run(second_loop()))
+    second.start()
+    second.join(timeout=30)
+    first.join(timeout=30)
+    assert done == [True, True]
+    assert attempts == {"hot": 3, "pair": 2}
+
+
+async def test_a_wait_for_a_turn_that_runs_out_leaves_no_timeout_as_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry_module, "_PATIENCE", 0.001, raising=False)
+    release = asyncio.Event()
+    attempts: collections.Counter[str] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work(name: str) -> str:
+        attempts[name] += 1
+        if name == "hot":
+            if attempts[name] <= 2:
+                raise _Coded("40001")
+            await release.wait()  # a turn that lasts
+            return name
+        raise ValueError(name)
+
+    holding = asyncio.create_task(work("hot"))
+    await _spin()
+    with pytest.raises(ValueError, match="late") as caught:
+        await work("late")  # waits for a turn, gives up waiting, runs, fails for its own reason
+    assert caught.value.__context__ is None
+    release.set()
+    assert await holding == "hot"
 
 
 async def test_many_writers_on_one_hot_row_all_succeed_with_the_default_budget(engine: AsyncEngine) -> None:
@@ -285,6 +379,264 @@ async def test_many_writers_on_one_hot_row_all_succeed_with_the_default_budget(e
 
 
 # -- backoff ------------------------------------------------------------------------------------------
+
+
+def _state(attempt: int, error: BaseException | None) -> tenacity.RetryCallState:
+    state = tenacity.RetryCallState(retry_object=tenacity.AsyncRetrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    if error is not None:
+        state.set_exception((type(error), error, None))
+    return state
+
+
+def test_conflict_and_outage_waits_are_full_jitter_under_a_growing_capped_ceiling() -> None:
+    settings = get_settings()
+    drawn: list[tuple[float, float]] = []
+
+    def highest(low: float, high: float) -> float:
+        drawn.append((low, high))
+        return high
+
+    strategy = wait_for_error.from_settings(settings, uniform=highest)
+    ceilings = [strategy(_state(attempt, _Coded("40001"))) for attempt in range(1, 9)]
+    assert ceilings == [min(settings.conflict_max_delay, settings.conflict_delay * 2**n) for n in range(8)]
+    assert ceilings[-1] == settings.conflict_max_delay
+    outage = [strategy(_state(attempt, _Coded("57P01"))) for attempt in range(1, 9)]
+    assert outage == [min(settings.outage_max_delay, settings.outage_delay * 2**n) for n in range(8)]
+    assert {low for low, _ in drawn} == {0.0}  # full jitter: anywhere from no wait up to the ceiling
+    assert wait_for_error.from_settings(settings, uniform=lambda low, _: low)(_state(5, _Coded("40001"))) == 0
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_conflicts_stop_on_their_time_budget_and_other_failures_on_the_attempt_count() -> None:
+    clock = _Clock()
+    budget = retry_module._Budget(attempts=3, conflict_timeout=2.0, outage_timeout=15.0, timeout=None, clock=clock)
+    conflict, outage = _state(1, _Coded("40001")), _state(1, _Coded("57P01"))
+    assert not any(budget(conflict) for _ in range(50))  # conflicts do not use up attempts
+    assert budget.remaining(conflict) == pytest.approx(2.0)
+    assert budget.remaining_after_conflict() == pytest.approx(2.0)
+    clock.now += 2.0
+    assert budget(conflict)
+    assert budget.remaining(conflict) == 0
+    assert [budget(outage) for _ in range(3)] == [False, False, True]
+    assert budget.remaining(outage) == float("inf")
+
+
+def test_an_attempt_count_bounds_conflicts_too_and_the_total_budget_bounds_everything() -> None:
+    clock = _Clock()
+    budget = retry_module._Budget(attempts=2, conflict_timeout=None, outage_timeout=15.0, timeout=1.0, clock=clock)
+    conflict, unavailable = _state(1, _Coded("40001")), _state(1, _Coded("57P03"))
+    assert [budget(conflict), budget(conflict)] == [False, True]
+    assert not budget(unavailable)  # the server could not be reached: does not count
+    assert budget.remaining(unavailable) == pytest.approx(1.0)
+    assert budget.remaining_after_conflict() == pytest.approx(1.0)
+    clock.now += 1.0
+    assert budget(unavailable)
+    unbounded = retry_module._Budget(attempts=2, conflict_timeout=None, outage_timeout=15.0, timeout=None, clock=clock)
+    assert unbounded.remaining_after_conflict() == retry_module._PATIENCE
+
+
+async def test_conflicts_are_retried_past_three_attempts_within_the_default_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER", "DB_RETRY_CONFLICT_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    work, calls = _failing([_Coded("40001")] * 6 + [_Coded("57P01")])
+    assert await postgres_retry(sleep=_no_sleep)(work)() == "done"
+    assert len(calls) == 8
+    monkeypatch.setenv("DB_RETRY_CONFLICT_TIMEOUT", "0")
+    work, calls = _failing([_Coded("40001")])
+    with pytest.raises(_Coded):
+        await postgres_retry(sleep=_no_sleep)(work)()
+    assert len(calls) == 1
+    monkeypatch.setenv("DB_UTILS_RETRIES_NUMBER", "3")  # set explicitly, the attempt count bounds conflicts again
+    work, calls = _failing([_Coded("40001")] * 6)
+    with pytest.raises(_Coded):
+        await postgres_retry(sleep=_no_sleep)(work)()
+    assert len(calls) == 3
+
+
+# -- hot spots ---------------------------------------------------------------------------------------
+
+
+def _spot(
+    uniform: collections.abc.Callable[[float, float], float] = lambda _, high: high,
+) -> "tuple[retry_module._HotSpot, list[int]]":
+    notified: list[int] = []
+    return retry_module._HotSpot(notified.append, uniform=uniform), notified
+
+
+async def _conflict_in(spot: "retry_module._HotSpot", *, retry: bool = True) -> None:
+    with pytest.raises(_Coded):
+        async with spot.turn(patience=1.0, retry=retry):
+            raise _Coded("40001")
+
+
+async def test_a_hot_spot_engages_on_a_repeated_conflict_and_is_released_when_the_limit_binds_nobody() -> None:
+    spot, notified = _spot()
+    await _conflict_in(spot, retry=False)  # a first attempt's conflict: not a hot spot yet
+    async with spot.turn(patience=1.0, retry=False):
+        pass
+    assert spot.limit == float("inf")  # not engaged
+    assert notified == []
+    await _conflict_in(spot)  # a retry that conflicted again: engaged
+    assert spot.limit == 1
+    assert notified == [1]
+    successes = 0
+    while spot.engaged:  # alone: released once the limit leaves a turn to spare
+        async with spot.turn(patience=1.0, retry=False):
+            successes += 1
+    assert 10 < successes < 20
+    assert notified == [1, -1]
+    with pytest.raises(ValueError, match="bug"):
+        async with spot.turn(patience=1.0, retry=True):
+            raise ValueError("bug")  # other errors say nothing about contention
+    assert not spot.engaged
+
+
+async def test_the_limit_halves_on_conflicts_and_climbs_by_a_fraction_per_success() -> None:
+    spot, notified = _spot()
+    spot.limit = 8.0  # engaged, eight at once
+    gates = [asyncio.Event() for _ in range(6)]
+
+    async def held(number: int) -> None:
+        async with spot.turn(patience=1.0, retry=False):
+            await gates[number].wait()
+            if number == 0:
+                raise _Coded("40001")
+
+    running = [asyncio.create_task(held(number)) for number in range(6)]
+    await _spin()
+    assert spot.running == 6
+    gates[0].set()
+    await _spin()
+    assert spot.limit == 3
+    gates[1].set()
+    await _spin()
+    assert spot.limit == pytest.approx(3 + 0.1 / 3)
+    for gate in gates[2:]:
+        gate.set()
+    await asyncio.gather(*running, return_exceptions=True)
+    assert not spot.engaged  # the last ones ran with turns to spare
+    assert notified == [-1]
+
+
+async def test_waiters_go_newest_first_unless_one_waited_past_the_fairness_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spot, _ = _spot()
+    spot.limit = 1.0
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def call(name: str) -> None:
+        async with spot.turn(patience=10.0, retry=False):
+            order.append(name)
+            if name == "holder":
+                await release.wait()
+
+    tasks = [asyncio.create_task(call(name)) for name in ("holder", "old", "middle", "new")]
+    await _spin()
+    release.set()
+    await asyncio.gather(*tasks)
+    assert order == ["holder", "new", "middle", "old"]
+
+    monkeypatch.setattr(retry_module, "_FAIR_AFTER", 0.0)
+    order.clear()
+    release.clear()
+    tasks = [asyncio.create_task(call(name)) for name in ("holder", "old", "middle", "new")]
+    await _spin()
+    release.set()
+    await asyncio.gather(*tasks)
+    assert order == ["holder", "old", "middle", "new"]
+
+
+async def test_a_conflict_while_running_alone_pauses_the_turns_for_a_growing_jittered_wait() -> None:
+    draws: list[float] = []
+
+    def highest(_: float, high: float) -> float:
+        draws.append(high)
+        return high
+
+    spot, _ = _spot(highest)
+    spot.delays = (0.001, 0.004)
+    await _conflict_in(spot)  # engages, limit 1
+    for _ in range(4):
+        await _conflict_in(spot)  # alone at a limit of 1: the rival is in another process
+    assert draws == [0.001, 0.002, 0.004, 0.004]
+    loop = asyncio.get_running_loop()
+    assert spot.resume_at > loop.time()
+    started = []
+
+    async def after_pause() -> None:
+        async with spot.turn(patience=10.0, retry=False):
+            started.append(loop.time())
+
+    await asyncio.gather(after_pause(), after_pause())
+    assert all(at >= spot.resume_at for at in started)
+    assert spot.pause < 0.004  # each call that got through halves it
+
+
+async def test_a_waiter_that_is_cancelled_gives_its_turn_back() -> None:
+    spot, _ = _spot()
+    spot.limit = 1.0
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def call() -> None:
+        async with spot.turn(patience=10.0, retry=False):
+            await release.wait()
+
+    async def holder() -> None:
+        await call()
+        tasks[-1].cancel()  # its turn was just granted; it is cancelled before it could start
+
+    tasks += [asyncio.create_task(holder()), asyncio.create_task(call()), asyncio.create_task(call())]
+    await _spin()
+    tasks[1].cancel()  # cancelled while queued
+    await _spin()
+    assert len(spot.waiters) == 1
+    release.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [type(result) for result in results] == [type(None), asyncio.CancelledError, asyncio.CancelledError]
+    assert spot.running == 0
+    assert not spot.waiters
+
+
+async def test_a_waiter_cancelled_just_before_turns_are_handed_out_is_skipped() -> None:
+    spot, _ = _spot()
+    spot.limit = 1.0
+    release = asyncio.Event()
+
+    async def call() -> None:
+        async with spot.turn(patience=10.0, retry=False):
+            await release.wait()
+
+    holder, first, second = (asyncio.create_task(call()) for _ in range(3))
+    await _spin()
+    first.cancel()  # its wait ends at once; it leaves the queue only when it runs again
+    spot.limit = 3.0
+    spot._wake()
+    assert spot.running == 2  # the holder and the second waiter; the cancelled one was passed over
+    release.set()
+    results = await asyncio.gather(holder, first, second, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert spot.running == 0
+
+
+async def test_a_hot_spot_dropped_with_its_loop_releases_the_function() -> None:
+    spot, notified = _spot()
+    await _conflict_in(spot)
+    del spot
+    gc.collect()
+    assert notified == [1, -1]
 
 
 async def test_waits_depend_on_the_kind_of_failure() -> None:
@@ -528,3 +880,145 @@ async def test_asyncpg_errors_without_sqlalchemy_are_classified(pg_dsn: str) -> 
 
     await raw()
     assert len(attempts) == 2
+
+
+# -- settings at decoration and at failure time -----------------------------------------------------------
+
+
+def test_a_bad_setting_is_refused_at_decoration(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def work() -> None: ...
+
+    monkeypatch.setenv("DB_RETRY_CONFLICT_DELAY", "soon")
+    with pytest.raises(SettingsError, match="DB_RETRY_CONFLICT_DELAY='soon'"):
+        postgres_retry(work)
+    with pytest.raises(SettingsError, match="DB_RETRY_CONFLICT_DELAY='soon'"):
+        postgres_retry(retries=2)(work)
+
+
+async def test_a_setting_gone_bad_later_never_hides_the_database_error(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cause = ConnectionResetError("lost")
+    error = _Coded("40001")
+    error.__cause__ = cause
+    work, calls = _failing([error])
+    decorated = postgres_retry(sleep=_no_sleep)(work)
+    monkeypatch.setenv("DB_UTILS_RETRIES_NUMBER", "many")
+    with caplog.at_level(logging.WARNING, logger="db_retry.retry"), pytest.raises(_Coded) as caught:
+        await decorated()  # ``except`` of the database error still catches it
+    assert caught.value is error
+    assert caught.value.__cause__ is cause
+    assert caught.value.__context__ is None
+    assert any("DB_UTILS_RETRIES_NUMBER='many'" in note for note in caught.value.__notes__)
+    assert calls == [1]
+    assert "invalid settings" in caplog.text
+
+
+# -- a transaction the caller owns ---------------------------------------------------------------------------
+
+
+async def _lose_a_serialization_conflict(
+    engine: AsyncEngine,
+    read: collections.abc.Callable[[], collections.abc.Awaitable[object]],
+    write: collections.abc.Callable[[], collections.abc.Awaitable[object]],
+) -> None:
+    """Read the row, let a concurrent SERIALIZABLE transaction change it and commit, then write: a real 40001."""
+    await read()
+    async with engine.connect() as rival:
+        await rival.execution_options(isolation_level="SERIALIZABLE")
+        async with rival.begin():
+            await rival.execute(sa.text("SELECT note FROM retry_items WHERE id = 1"))
+            await rival.execute(sa.text("UPDATE retry_items SET note = 'rival' WHERE id = 1"))
+    await write()
+
+
+async def test_a_session_whose_transaction_the_caller_began_is_not_retried_inside_it(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("INSERT INTO retry_items VALUES (1, '0')"))
+    attempts: list[int] = []
+
+    @postgres_retry(sleep=_no_sleep)
+    async def increment(session: AsyncSession) -> None:
+        attempts.append(1)
+        await _lose_a_serialization_conflict(
+            engine,
+            lambda: session.execute(sa.text("SELECT note FROM retry_items WHERE id = 1")),
+            lambda: session.execute(sa.text("UPDATE retry_items SET note = 'mine' WHERE id = 1")),
+        )
+
+    async with AsyncSession(engine) as session:
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            async with session.begin():  # the caller's unit of work
+                await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+                await increment(session)
+    assert caught.value.orig is not None
+    assert getattr(caught.value.orig, "sqlstate", None) == "40001"  # the real error, not 25P02
+    assert any(
+        "argument 1 (AsyncSession)" in note and "begin the transaction inside" in note.lower()
+        for note in caught.value.__notes__
+    )
+    assert attempts == [1]
+    async with engine.connect() as connection:
+        assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "rival"
+
+
+async def test_a_connection_whose_transaction_the_caller_began_is_not_retried_inside_it(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("INSERT INTO retry_items VALUES (1, '0')"))
+    attempts: list[int] = []
+
+    @postgres_retry(sleep=_no_sleep)
+    async def increment(*, connection: sa.ext.asyncio.AsyncConnection) -> None:
+        attempts.append(1)
+        await _lose_a_serialization_conflict(
+            engine,
+            lambda: connection.execute(sa.text("SELECT note FROM retry_items WHERE id = 1")),
+            lambda: connection.execute(sa.text("UPDATE retry_items SET note = 'mine' WHERE id = 1")),
+        )
+
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="SERIALIZABLE")
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            async with connection.begin():
+                await increment(connection=connection)
+    assert getattr(caught.value.orig, "sqlstate", None) == "40001"
+    assert any("argument 'connection' (AsyncConnection)" in note for note in caught.value.__notes__)
+    assert attempts == [1]
+
+
+async def test_a_session_passed_in_is_retried_when_the_function_begins_its_own_transaction(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(sa.text("INSERT INTO retry_items VALUES (1, '0')"))
+    attempts: list[int] = []
+
+    @postgres_retry(sleep=_no_sleep)
+    async def increment(session: AsyncSession) -> None:
+        attempts.append(1)
+        async with Transaction(session=session, isolation_level="SERIALIZABLE") as transaction:
+            if len(attempts) == 1:
+                await _lose_a_serialization_conflict(
+                    engine,
+                    lambda: session.execute(sa.text("SELECT note FROM retry_items WHERE id = 1")),
+                    lambda: session.execute(sa.text("UPDATE retry_items SET note = 'lost' WHERE id = 1")),
+                )
+            await session.execute(sa.text("UPDATE retry_items SET note = note || '+1' WHERE id = 1"))
+            await transaction.commit()
+
+    async with AsyncSession(engine) as session:
+        await increment(session)  # the 0.8.4 pattern: the function's own transaction rolled back, so it retries
+    assert attempts == [1, 1]
+
+    @postgres_retry(sleep=_no_sleep)
+    async def own_block(connection: sa.ext.asyncio.AsyncConnection) -> None:
+        attempts.append(2)
+        async with connection.begin():
+            await connection.execute(sa.text("UPDATE retry_items SET note = note || '+2' WHERE id = 1"))
+            if attempts.count(2) == 1:
+                raise _Coded("40001")  # after the statement: the block rolls back what it did
+
+    async with engine.connect() as connection:
+        await own_block(connection)  # the same with a connection: its own begin() block rolled back
+    assert attempts.count(2) == 2
+    async with engine.connect() as connection:
+        assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "rival+1+2"

@@ -11,6 +11,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     assert get_retries_number() == 3
     assert get_settings().timeout is None
+    assert get_settings().conflict_timeout == 5.0
+    assert not get_settings().retries_set  # conflicts are then bounded by time, not by attempts
+
+
+@pytest.mark.parametrize("name", ["DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER"])
+def test_an_attempt_count_in_the_environment_is_an_explicit_one(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    for other in ("DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER"):
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, "3")
+    assert get_settings().retries_set
 
 
 def test_environment_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,6 +46,7 @@ def test_legacy_name_is_accepted_and_the_new_one_wins(monkeypatch: pytest.Monkey
         ("DB_UTILS_RETRIES_NUMBER", "-2", "DB_UTILS_RETRIES_NUMBER='-2'"),
         ("DB_RETRY_TIMEOUT", "soon", "DB_RETRY_TIMEOUT='soon'"),
         ("DB_RETRY_CONFLICT_DELAY", "0", "DB_RETRY_CONFLICT_DELAY='0'"),
+        ("DB_RETRY_CONFLICT_TIMEOUT", "-1", "DB_RETRY_CONFLICT_TIMEOUT='-1'"),
     ],
 )
 def test_bad_values_name_the_variable_and_value(
