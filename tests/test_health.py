@@ -473,3 +473,11 @@ async def test_a_cancelled_check_leaves_no_session_behind(pg_cluster: PostgresCl
                 break
             await asyncio.sleep(0.02)
     assert await primary.fetchval(sessions) == before
+
+
+async def test_a_check_cancelled_while_connecting_is_cancelled(hanging_address: str) -> None:
+    check = asyncio.ensure_future(check_hosts(f"postgresql://postgres@{hanging_address}/postgres", timeout=30))
+    await asyncio.sleep(0.1)  # the connect is waiting for the host that never answers
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
