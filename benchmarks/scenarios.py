@@ -256,6 +256,10 @@ async def callers(params: Params) -> Result:
             pool_size=count,
             async_creator=build_connection_factory(url, params["connect_timeout"]),
         )
+    elif params.get("pgbouncer"):
+        # Behind a transaction pooler no prepared statement may outlive its transaction (README recipe).
+        url = sa.make_url(params["dsn"]).update_query_dict({"prepared_statement_cache_size": "0"})
+        engine = create_async_engine(url, pool_size=count, max_overflow=0, connect_args={"statement_cache_size": 0})
     else:
         engine = make_engine(params["dsn"], pool_size=count)
     session_factory = async_sessionmaker(engine, expire_on_commit=False)

@@ -116,6 +116,15 @@ def _add_demo(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]")
         help=f"faults to inject, comma-separated, in order, from: {', '.join(demo.FAULTS)} (default: all four); "
         "an empty string for none",
     )
+    parser.add_argument(
+        "--topology",
+        choices=demo.TOPOLOGIES,
+        default="kit",
+        help="what the transfers go through: kit (the kit's primary + standby, multi-host DSN), patroni (a Patroni "
+        "cluster, multi-host DSN; faults switchover, failover), haproxy (the same through HAProxy), pgbouncer "
+        "(transaction pooling; faults restart-fast, restart-immediate), moving-endpoint (one address that moves "
+        "to the promoted standby; fault move); default: %(default)s. --faults defaults to all of the topology's",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
     parser.set_defaults(handler=demo.run_demo_command)
 

@@ -24,19 +24,19 @@ import typing
 import uuid
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from db_retry.connections import build_connection_factory
 from db_retry.retriable import ErrorKind, sqlstate_on_chain
 from db_retry.retry import RetryEvent, postgres_retry
-from db_retry.testing import faults
-from db_retry.testing._binaries import PostgresBinariesNotFoundError
+from db_retry.testing._binaries import MissingComponentError, PostgresBinariesNotFoundError
 from db_retry.testing.cluster import ClusterError, PostgresCluster
+from db_retry.testing.demo_targets import KIT_FAULTS, TOPOLOGY_FAULTS, DemoTarget, make_target
 from db_retry.transaction import CommitOutcomeUnknownError, Transaction
 from db_retry.validation import check_number
 
 
-FAULTS: typing.Final = ("terminate", "restart-fast", "restart-immediate", "failover")
+FAULTS: typing.Final = KIT_FAULTS  # the kit topology's; each topology has its own (TOPOLOGY_FAULTS)
+TOPOLOGIES: typing.Final = tuple(TOPOLOGY_FAULTS)
 INITIAL_BALANCE: typing.Final = 1_000
 DEFAULT_DURATION: typing.Final = 30.0
 INTERRUPTED: typing.Final = 130  # the shell's status for a command ended by SIGINT
@@ -78,13 +78,20 @@ class DemoConfig:
     duration: float = DEFAULT_DURATION
     workers: int = DEFAULT_WORKERS
     accounts: int = DEFAULT_ACCOUNTS
-    faults: tuple[str, ...] = FAULTS
+    faults: tuple[str, ...] = FAULTS  # for another topology, the default stands for all of that topology's
     progress_interval: float = 1.0
+    topology: str = "kit"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.faults) - set(FAULTS))
+        if self.topology not in TOPOLOGY_FAULTS:
+            msg = f"unknown topology {self.topology!r}; choose from {', '.join(TOPOLOGIES)}"
+            raise ValueError(msg)
+        allowed = TOPOLOGY_FAULTS[self.topology]
+        if self.faults == FAULTS:
+            object.__setattr__(self, "faults", allowed)  # frozen: the default, resolved once
+        unknown = sorted(set(self.faults) - set(allowed))
         if unknown:
-            msg = f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}"
+            msg = f"unknown fault(s) {', '.join(unknown)} ({self.topology} topology); choose from {', '.join(allowed)}"
             raise ValueError(msg)
         check_number("duration", self.duration, unit="seconds")
         check_number("workers", self.workers, minimum=1, inclusive=True, integer=True)
@@ -243,8 +250,8 @@ async def check_invariants(engine: AsyncEngine, workload: TransferWorkload) -> I
 class _Chaos:
     """Injects the configured faults one after another, spread over the run."""
 
-    def __init__(self, cluster: PostgresCluster, workload: TransferWorkload, names: tuple[str, ...]) -> None:
-        self.cluster = cluster
+    def __init__(self, target: DemoTarget, workload: TransferWorkload, names: tuple[str, ...]) -> None:
+        self.target = target
         self.workload = workload
         self.names = names
         self.records: list[FaultRecord] = []
@@ -266,16 +273,7 @@ class _Chaos:
             self.current = None
 
     async def _inject(self, name: str) -> None:
-        primary = self.cluster.primary
-        if name == "terminate":
-            await faults.terminate_backends(primary)
-        elif name == "restart-fast":
-            await faults.restart(primary, "fast")
-        elif name == "restart-immediate":
-            await faults.restart(primary, "immediate")
-        else:
-            await faults.failover(self.cluster)
-            await faults.rebuild_as_standby(self.cluster, primary)
+        await self.target.inject(name)
 
 
 def _retry_counts(retries: collections.Counter[str]) -> str:
@@ -317,9 +315,9 @@ class _Progress:
                 await asyncio.wait_for(stop.wait(), interval)
 
 
-def format_header(config: DemoConfig, cluster: PostgresCluster) -> str:
+def format_header(config: DemoConfig, target: PostgresCluster | DemoTarget) -> str:
     """What the demo starts, for how long and with which faults, and how to read its lines."""
-    nodes = ", ".join(f"{node.name} {node.address}" for node in cluster.nodes)
+    nodes = (DemoTarget(target) if isinstance(target, PostgresCluster) else target).describe()
     if config.faults:
         schedule = ", ".join(f"{name} at ~{due:.0f}s" for due, name in _Chaos.schedule(config.faults, config.duration))
     else:
@@ -351,19 +349,17 @@ async def run_demo(
     cluster: PostgresCluster | None = None,
     interrupt: asyncio.Event | None = None,
 ) -> DemoReport:
-    """Run the workload under faults on ``cluster`` (default: a new primary + standby) and check invariants.
+    """Run the workload under faults on ``cluster`` (default: new servers of ``config.topology``) and check invariants.
 
     Setting ``interrupt`` ends the run early: the faults and transfers in flight are cancelled and
     the report covers the run so far (``interrupted=True``), invariant check included.
     """
-    own = cluster is None
-    if cluster is None:
-        cluster = await asyncio.to_thread(PostgresCluster(standbys=1, name="demo").start)
+    target = DemoTarget(cluster) if cluster is not None else make_target(config.topology)
     try:
-        return await _run(config, cluster, stream, interrupt or asyncio.Event())
+        await target.start()
+        return await _run(config, target, stream, interrupt or asyncio.Event())
     finally:
-        if own:
-            await asyncio.to_thread(cluster.stop)
+        await target.stop()
 
 
 async def _until_done_or_interrupted(work: asyncio.Task[None], interrupt: asyncio.Event) -> bool:
@@ -393,22 +389,14 @@ async def _stop(stop: asyncio.Event, tasks: list[asyncio.Task[None]], *, cancel:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _run(
-    config: DemoConfig, cluster: PostgresCluster, stream: typing.TextIO, interrupt: asyncio.Event
-) -> DemoReport:
-    print(format_header(config, cluster), file=stream, flush=True)
-    url = sa.make_url(cluster.multihost_dsn(target_session_attrs="read-write"))
-    engine = create_async_engine(
-        url,
-        async_creator=build_connection_factory(url, timeout=2.0),
-        pool_size=config.workers,
-        max_overflow=0,
-    )
+async def _run(config: DemoConfig, target: DemoTarget, stream: typing.TextIO, interrupt: asyncio.Event) -> DemoReport:
+    print(format_header(config, target), file=stream, flush=True)
+    engine = target.engine(config.workers)
     started = time.monotonic()
     workload = TransferWorkload(engine, accounts=config.accounts, clock=lambda: time.monotonic() - started)
     try:
         await workload.setup()
-        chaos = _Chaos(cluster, workload, config.faults)
+        chaos = _Chaos(target, workload, config.faults)
         progress = _Progress(stream, workload, chaos)
         stop = asyncio.Event()
         rng = random.Random(0)  # noqa: S311 - a workload, not cryptography
@@ -497,13 +485,14 @@ def run_demo_command(args: argparse.Namespace) -> int:
             workers=args.workers,
             accounts=args.accounts,
             faults=tuple(name.strip() for name in args.faults.split(",") if name.strip()),
+            topology=args.topology,
         )
     except ValueError as exc:
         print(f"db-retry demo: {exc}", file=sys.stderr)  # noqa: T201 - the command's output
         return 2
     try:
         report = asyncio.run(_run_until_ctrl_c(config, sys.stderr if args.json else sys.stdout))
-    except (PostgresBinariesNotFoundError, ClusterError) as exc:
+    except (PostgresBinariesNotFoundError, MissingComponentError, ClusterError) as exc:
         print(f"db-retry demo: {exc}", file=sys.stderr)  # noqa: T201 - the command's output
         return 2
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C while wrapping up; the kit stops its servers

@@ -38,6 +38,10 @@ from db_retry.testing import PostgresCluster
 from db_retry.testing.proxy import TcpProxy
 
 
+if typing.TYPE_CHECKING:
+    from db_retry.testing.demo_targets import DemoTarget
+
+
 pytestmark = pytest.mark.standby
 
 
@@ -211,7 +215,7 @@ def test_the_fault_column_names_every_fault_since_the_last_line() -> None:
     workload = TransferWorkload(
         create_async_engine("postgresql+asyncpg://u@127.0.0.1:1/x"), accounts=2, clock=lambda: 0.0
     )
-    chaos = demo_module._Chaos(typing.cast("PostgresCluster", None), workload, ("terminate", "restart-fast"))
+    chaos = demo_module._Chaos(typing.cast("DemoTarget", None), workload, ("terminate", "restart-fast"))
     progress = demo_module._Progress(io.StringIO(), workload, chaos)
     assert progress.line().endswith("| fault: -")
     # Two short faults between two ticks: both are named on the next line.

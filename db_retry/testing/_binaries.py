@@ -1,9 +1,11 @@
-"""Locate the PostgreSQL server binaries the test kit runs."""
+"""Locate the PostgreSQL server binaries and the other programs the test kit runs."""
 
+import dataclasses
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import typing
 
 
@@ -105,3 +107,75 @@ def find_postgres_bindir(explicit: str | os.PathLike[str] | None = None) -> path
         if found is not None:
             return found
     raise PostgresBinariesNotFoundError(searched)
+
+
+# -- the other programs of the kit: etcd, Patroni, PgBouncer, HAProxy ----------------------------------
+PATRONI_VENV: typing.Final = pathlib.Path("/opt/db-retry-patroni")
+_SBIN_DIRS: typing.Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Component:
+    """A program of the kit: how to find it and what to tell someone who does not have it."""
+
+    program: str
+    env: str
+    install: str
+    extra_places: tuple[pathlib.Path, ...] = ()
+
+
+ETCD: typing.Final = Component(
+    "etcd", "DB_RETRY_ETCD", "etcd 3.4 or later (Debian/Ubuntu: `apt-get install etcd-server`)"
+)
+PGBOUNCER: typing.Final = Component(
+    "pgbouncer", "DB_RETRY_PGBOUNCER", "PgBouncer (Debian/Ubuntu: `apt-get install pgbouncer`)"
+)
+HAPROXY: typing.Final = Component("haproxy", "DB_RETRY_HAPROXY", "HAProxy (Debian/Ubuntu: `apt-get install haproxy`)")
+PATRONI: typing.Final = Component(
+    "patroni",
+    "DB_RETRY_PATRONI",
+    (
+        f"Patroni in a virtualenv the server account can execute (`/usr/bin/python3 -m venv {PATRONI_VENV} && "
+        f"{PATRONI_VENV}/bin/pip install 'patroni[etcd3,psycopg3]'`; a virtualenv under /root is not executable "
+        "by the postgres account)"
+    ),
+    extra_places=(PATRONI_VENV / "bin" / "patroni",),
+)
+
+
+class MissingComponentError(RuntimeError):
+    """A program the kit needs is not installed (or not executable); the message says what to install."""
+
+    def __init__(self, component: Component, searched: typing.Sequence[str]) -> None:
+        self.component = component
+        self.searched = tuple(searched)
+        super().__init__(
+            f"{component.program} not found (searched: {'; '.join(self.searched)}). Install {component.install}, "
+            f"or point {component.env} at the program."
+        )
+
+
+def _is_program(path: pathlib.Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_program(component: Component) -> pathlib.Path:
+    """The path of ``component``'s program: its environment variable, the usual places, then ``PATH``."""
+    env_value = os.environ.get(component.env)
+    if env_value:
+        if _is_program(pathlib.Path(env_value)):
+            return pathlib.Path(env_value)
+        # An explicit choice that is wrong must not silently fall back to another program.
+        raise MissingComponentError(component, [f"{component.env}={env_value}"])
+    searched: list[str] = []
+    places = [*component.extra_places, pathlib.Path(sys.executable).parent / component.program]
+    places += [pathlib.Path(directory, component.program) for directory in _SBIN_DIRS]
+    for place in places:
+        searched.append(str(place))
+        if _is_program(place):
+            return place
+    on_path = shutil.which(component.program)
+    searched.append(f"PATH ({on_path or f'no {component.program} on PATH'})")
+    if on_path is not None:
+        return pathlib.Path(on_path)
+    raise MissingComponentError(component, searched)

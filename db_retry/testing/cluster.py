@@ -13,7 +13,9 @@ import logging
 import os
 import pathlib
 import pwd
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -104,11 +106,16 @@ class _Account:
     def is_current(self) -> bool:
         return self.uid == os.geteuid()
 
+    @property
+    def switch(self) -> dict[str, typing.Any]:
+        """The ``subprocess`` arguments that run a program as this account (none when it is the current one)."""
+        if self.is_current:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
     def run(self, args: typing.Sequence[str | os.PathLike[str]], *, cwd: pathlib.Path) -> str:
         """Run a PostgreSQL program as this account and return its output; raise with that output on failure."""
-        kwargs: dict[str, typing.Any] = {}
-        if not self.is_current:
-            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
+        kwargs = self.switch
         env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PGHOST": HOST}
         env.pop("PGDATA", None)
         completed = subprocess.run(  # noqa: S603 - the programs come from the located PostgreSQL bindir
@@ -164,12 +171,23 @@ def _read_from(path: pathlib.Path, offset: int) -> str:
         return ""
 
 
+# Ports the kit hands out: below the kernel's ephemeral range (32768-60999 on Linux), where an outgoing
+# connection's local port can take a listener's port between our check and the server's bind.
+PORT_RANGE: typing.Final = range(20000, 32000)
+_handed_out: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 below the ephemeral range that nothing listens on now, not handed out before."""
+    with _PORT_LOCK:
+        if len(_handed_out) > len(PORT_RANGE) // 2:  # a very long run: ports handed out long ago are free again
+            _handed_out.clear()
+        while True:
+            port = random.choice(PORT_RANGE)  # noqa: S311 - spreading ports, not cryptography
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
+                return port
 
 
 def port_is_free(port: int) -> bool:
@@ -356,16 +374,29 @@ class _Template:
             return cls._made[key]
 
 
-# The reaper's program. It reads "node" and "root" lines until end of file, which comes when the process
-# that started the kit ends, however it ends: also on SIGKILL, or SIGTERM with its default action, where
-# no atexit hook runs. Then it stops every server of that process still running, through pg_ctl by the PID
-# in postmaster.pid, as the account that runs it, and removes the kit's directories.
+# The reaper's program. It reads "proc", "node" and "root" lines until end of file, which comes when the
+# process that started the kit ends, however it ends: also on SIGKILL, or SIGTERM with its default action,
+# where no atexit hook runs. Then it kills (SIGKILL) every process of the kit it was told about (etcd,
+# Patroni, PgBouncer, HAProxy) that still runs with the start time it had, so a reused PID is left alone;
+# then it stops every server of that process still running, through pg_ctl by the PID in postmaster.pid,
+# as the account that runs it, and removes the kit's directories.
 _REAPER_PROGRAM: typing.Final = """# db-retry test kit reaper: stops the servers of a process that ended
-import os, shutil, subprocess, sys
-nodes, roots = [], []
+import os, shutil, signal, subprocess, sys
+procs, nodes, roots = [], [], []
 for line in sys.stdin:
     kind, *fields = line.rstrip("\\n").split("\\t")
-    (nodes if kind == "node" else roots).append(fields)
+    {"proc": procs, "node": nodes}.get(kind, roots).append(fields)
+for pid, started in procs:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            same = stat.read().rsplit(")", 1)[1].split()[19] == started
+    except OSError:
+        same = False
+    if same:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
 for uid, gid, pg_ctl, data_dir in nodes:
     if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
         switch = {} if int(uid) == os.geteuid() else {"user": int(uid), "group": int(gid), "extra_groups": []}
@@ -374,6 +405,14 @@ for uid, gid, pg_ctl, data_dir in nodes:
 for (root,) in roots:
     shutil.rmtree(root, ignore_errors=True)
 """
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of ``pid`` (field 22 of ``/proc/PID/stat``): it tells a process from a later one with its PID."""
+    try:
+        return (_PROCFS / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, IndexError):
+        return None
 
 
 class _Reaper:
@@ -416,6 +455,12 @@ class _Reaper:
         """Stop ``node`` if this process ends while it runs."""
         self._send("node", node.account.uid, node.account.gid, node.bindir / "pg_ctl", node.data_dir)
 
+    def watch_process(self, pid: int) -> None:
+        """Kill process ``pid`` (if it is still the same process) if this process ends while it runs."""
+        started = _start_time(pid)
+        if started is not None:
+            self._send("proc", pid, started)
+
     def remove_at_end(self, directory: pathlib.Path) -> None:
         self._send("root", directory)
 
@@ -446,6 +491,129 @@ def _kit_root(account: _Account) -> tuple[pathlib.Path, _Reaper]:
             account.own(_root)
             _reaper.remove_at_end(_root)
         return _root, _reaper
+
+
+class KitProcess:
+    """A long-running program of the kit (etcd, Patroni, PgBouncer, HAProxy) run as the server account.
+
+    It runs in a session of its own with its output in ``log_path``; the reaper kills it by PID if this
+    process dies first. :meth:`stop` sends ``SIGTERM`` and, after ``timeout``, ``SIGKILL``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        args: typing.Sequence[str | os.PathLike[str]],
+        *,
+        account: _Account,
+        cwd: pathlib.Path,
+        log_path: pathlib.Path,
+    ) -> None:
+        self.name = name
+        self.args = [os.fspath(arg) for arg in args]
+        self.account = account
+        self.cwd = cwd
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"KitProcess({self.name!r}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int | None:
+        """The PID while the program runs, else ``None``."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
+    def start(self) -> None:
+        if self.pid is not None:
+            msg = f"{self!r} is already running"
+            raise ClusterError(msg)
+        _, reaper = _kit_root(self.account)
+        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+        with self.log_path.open("ab") as log:
+            self.account.own(self.log_path)
+            self._process = subprocess.Popen(  # noqa: S603 - the programs come from located binaries
+                self.args,
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self.account.switch,
+            )
+        reaper.watch_process(self._process.pid)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the program, if it runs."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """``SIGTERM``, then ``SIGKILL`` if the program is still running ``timeout`` seconds later."""
+        if self._process is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%r did not stop within %ss of SIGTERM: killing it", self, timeout)
+            self.kill()
+
+    def kill(self) -> None:
+        """``SIGKILL``, and wait until the program is gone."""
+        if self._process is not None:
+            self.signal(signal.SIGKILL)
+            self._process.wait(30)
+
+    def wait_listening(self, host: str, port: int, timeout: float = 30.0) -> None:
+        """Wait until ``host:port`` accepts TCP connections; a :class:`ClusterError` if the program ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    return
+            except OSError:
+                if self.pid is None or time.monotonic() > deadline:
+                    msg = f"{self.name} does not listen on {host}:{port}\n{self.log_tail()}"
+                    raise ClusterError(msg) from None
+                time.sleep(0.02)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log yet)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def kit_directory(account: _Account, prefix: str) -> pathlib.Path:
+    """A new directory under the kit's per-process root, owned by ``account`` and removed with the root."""
+    root, _ = _kit_root(account)
+    directory = pathlib.Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=root))
+    os.chmod(directory, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
+    account.own(directory)
+    return directory
+
+
+def multihost_url(
+    addresses: typing.Sequence[str],
+    *,
+    driver: str | None = "asyncpg",
+    target_session_attrs: str | None = None,
+    database: str = DATABASE,
+) -> str:
+    """A multi-host DSN in SQLAlchemy's form over ``host:port`` addresses: ``postgresql+asyncpg://postgres@/db?host=...``."""
+    if not addresses:
+        msg = "multihost_dsn needs at least one host"
+        raise ValueError(msg)
+    scheme = f"postgresql+{driver}" if driver else "postgresql"
+    query = "&".join(f"host={address}" for address in addresses)
+    if target_session_attrs is not None:
+        query += f"&target_session_attrs={target_session_attrs}"
+    return f"{scheme}://{SUPERUSER}@/{database}?{query}"
 
 
 class PostgresCluster:
@@ -616,14 +784,7 @@ class PostgresCluster:
         """
         chosen = list(self.nodes if nodes is None else nodes)
         addresses = [node.address for node in chosen] + list(extra_hosts)
-        if not addresses:
-            msg = "multihost_dsn needs at least one host"
-            raise ValueError(msg)
-        scheme = f"postgresql+{driver}" if driver else "postgresql"
-        query = "&".join(f"host={address}" for address in addresses)
-        if target_session_attrs is not None:
-            query += f"&target_session_attrs={target_session_attrs}"
-        return f"{scheme}://{SUPERUSER}@/{database}?{query}"
+        return multihost_url(addresses, driver=driver, target_session_attrs=target_session_attrs, database=database)
 
     async def wait_for_replay(self, standby: PostgresNode | None = None, *, timeout: float = 30.0) -> None:
         """Wait until ``standby`` (default: all) has replayed everything the primary has written so far.

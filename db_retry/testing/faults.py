@@ -43,6 +43,7 @@ __all__ = [
     "rebuild_as_standby",
     "replication_link",
     "restart",
+    "set_read_only",
     "start",
     "stop",
     "terminate_backends",
@@ -395,6 +396,14 @@ async def read_only(node: PostgresNode, *, timeout: float = 30.0) -> collections
         yield
     finally:
         await _set_read_only(node, value=False, timeout=timeout)
+
+
+async def set_read_only(node: PostgresNode, *, value: bool = True, timeout: float = 30.0) -> None:
+    """Make ``node`` refuse writes (``25006``) from now on, open sessions too; ``value=False`` undoes it.
+
+    What :func:`read_only` does for a block, for a node that is stopped or rebuilt while read-only.
+    """
+    await _set_read_only(node, value=value, timeout=timeout)
 
 
 async def _set_read_only(node: PostgresNode, *, value: bool, timeout: float) -> None:

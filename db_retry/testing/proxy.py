@@ -19,12 +19,14 @@ import struct
 import types
 import typing
 
-from db_retry.testing.cluster import DATABASE, HOST, PostgresCluster, PostgresNode
+from db_retry.testing import faults
+from db_retry.testing.cluster import DATABASE, HOST, SUPERUSER, PostgresCluster, PostgresNode, free_port
 
 
 __all__ = [
     "FrontendMessage",
     "MessagePredicate",
+    "MovingEndpoint",
     "ProxiedCluster",
     "ProxyMode",
     "ProxyOptions",
@@ -316,15 +318,22 @@ class TcpProxy:
         if self._listener is not None:
             msg = f"{self!r} is already started"
             raise RuntimeError(msg)
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, self.port))
-            listener.listen(128)
-            listener.setblocking(False)  # noqa: FBT003 - the socket API
-        except OSError:
-            listener.close()
-            raise
+        attempts = 1 if self.port else 5  # a free port can be taken by another process before we bind it
+        attempt = 1
+        while True:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self.host, self.port or free_port()))
+                listener.listen(128)
+                listener.setblocking(False)  # noqa: FBT003 - the socket API
+            except OSError:
+                listener.close()
+                if attempt >= attempts:
+                    raise
+                attempt += 1
+            else:
+                break
         self._listener = listener
         self.port = listener.getsockname()[1]
         self._accepting = asyncio.get_running_loop().create_task(self._accept(listener), name=f"{self.name}-accept")
@@ -379,9 +388,17 @@ class TcpProxy:
         """Reset (TCP RST) every open connection, and reset new ones as they arrive, until :meth:`pass_through`."""
         self._mode = ProxyMode.CUT
         self._set_flowing(flowing=True)
-        for link, task in list(self._links.items()):
-            self._reset_link(link)
-            task.cancel()
+        self._reset_all()
+
+    def retarget(self, host: str, port: int, *, cut: bool = False) -> None:
+        """Send new connections to ``host:port`` (a DNS name or VIP that moved); open ones stay, unless ``cut``.
+
+        Kept sessions still talk to the old server; with ``cut=True`` they are reset (TCP RST), as by HAProxy's
+        ``on-marked-down shutdown-sessions``.
+        """
+        self.target_host, self.target_port = host, port
+        if cut:
+            self._reset_all()
 
     def delay(self, seconds: float) -> None:
         """Forward everything, each chunk ``seconds`` late (in both directions)."""
@@ -413,6 +430,11 @@ class TcpProxy:
             self._flowing.set()
         else:
             self._flowing.clear()
+
+    def _reset_all(self) -> None:
+        for link, task in list(self._links.items()):
+            self._reset_link(link)
+            task.cancel()
 
     def _reset_link(self, link: _Link) -> None:
         self.connections_reset += 1
@@ -618,3 +640,68 @@ class ProxiedCluster:
             database=database,
             extra_hosts=[self.proxies[node].address for node in chosen],
         )
+
+
+class MovingEndpoint:
+    """One address that stands for "the primary" (a DNS name, a VIP, a cloud writer endpoint) over a cluster.
+
+    A :class:`TcpProxy` in front of the cluster's primary; :meth:`move` promotes a standby and points the
+    address at it, as a managed service does on failover. Sessions opened before the move stay on the old
+    primary, which turns read-only first (writes fail with ``25006``), unless ``cut_sessions``. Use
+    ``async with MovingEndpoint(cluster) as endpoint``.
+    """
+
+    def __init__(
+        self, cluster: PostgresCluster, *, cut_sessions: bool = False, **options: typing.Unpack[ProxyOptions]
+    ) -> None:
+        self.cluster = cluster
+        self.cut_sessions = cut_sessions
+        self.proxy = TcpProxy(cluster.primary.host, cluster.primary.port, name="moving-endpoint", **options)
+        self.moves = 0
+
+    def __repr__(self) -> str:
+        return f"MovingEndpoint({self.proxy.address} -> {self.proxy.target_host}:{self.proxy.target_port})"
+
+    @property
+    def address(self) -> str:
+        return self.proxy.address
+
+    def dsn(self, *, driver: str | None = "asyncpg", database: str = DATABASE) -> str:
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{SUPERUSER}@{self.address}/{database}"
+
+    async def start(self) -> typing.Self:
+        await self.proxy.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+
+    async def __aenter__(self) -> typing.Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def move(self, *, hold: float = 1.0) -> PostgresNode:
+        """Move the endpoint to a standby: old primary read-only, standby promoted, address retargeted.
+
+        Kept sessions meet the read-only old primary for ``hold`` seconds; then it is stopped and rebuilt as
+        a standby of the new primary (on its port). Returns the new primary.
+        """
+        old = self.cluster.primary
+        new = self.cluster.standbys[0]
+        await faults.set_read_only(old)
+        await self.cluster.wait_for_replay(new)
+        await asyncio.to_thread(new.promote)
+        self.cluster.nodes[:] = [new, *[node for node in self.cluster.nodes if node not in {new, old}], old]
+        self.proxy.retarget(new.host, new.port, cut=self.cut_sessions)
+        self.moves += 1
+        await asyncio.sleep(hold)
+        await faults.rebuild_as_standby(self.cluster, old)
+        return new

@@ -163,3 +163,16 @@ def pytest_runtest_makereport(
             for node in cluster.nodes:
                 title = f"server log {cluster.name}/{node.name} ({node.address})"
                 report.sections.append((title, node.log_tail()))
+
+
+# The deployment topologies' fixtures (patroni_cluster, pgbouncer, haproxy, moving_endpoint) live in their own
+# module; importing them here is what makes them fixtures of this plugin.
+from db_retry.testing.topology_fixtures import (  # noqa: E402
+    haproxy,
+    moving_endpoint,
+    patroni_cluster,
+    pgbouncer,
+)
+
+
+_TOPOLOGY_FIXTURES: typing.Final = (haproxy, moving_endpoint, patroni_cluster, pgbouncer)
