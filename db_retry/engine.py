@@ -51,6 +51,7 @@ from sqlalchemy.util import await_only
 
 from db_retry.retriable import (
     LOST_AT_COMMIT,
+    LOST_CONNECTION_SQLSTATES,
     ErrorKind,
     classify,
     leaves_connection_unusable,
@@ -66,6 +67,7 @@ _COMMITTING: typing.Final = "db_retry_committing"
 _WANT_RESOLUTION: typing.Final = "db_retry_want_resolution"
 _IDENTITY: typing.Final = "db_retry_server_identity"
 _VERDICT: typing.Final = "db_retry_commit_verdict"
+_UNPROVEN: typing.Final = "db_retry_never_committed"
 READ_ONLY_SQLSTATE: typing.Final = "25006"
 FEATURE_NOT_SUPPORTED: typing.Final = "0A000"
 # 0A000 messages of a standby refusing what only a primary does ("cannot use serializable mode in a hot
@@ -151,10 +153,17 @@ class PreparedStatementBehindPoolerError(sa.exc.ProgrammingError):
         )
 
 
+@event.listens_for(sa.pool.Pool, "connect")
+def _note_new_connection(_dbapi_connection: object, record: sa.pool.ConnectionPoolEntry) -> None:
+    """A new connection has not shown yet that a server stands behind it (a pooler accepts without one)."""
+    record.info[_UNPROVEN] = True
+
+
 @event.listens_for(sa.engine.Engine, "commit")
 def _note_commit(connection: sa.Connection) -> None:
     """Mark the connection as committing: a failure before the next ``begin``/``rollback`` is the COMMIT's."""
     connection.info[_COMMITTING] = True
+    connection.info.pop(_UNPROVEN, None)
     if resolve_commits.get() or connection.get_execution_options().get(RESOLVE_OPTION):
         connection.info[_WANT_RESOLUTION] = True
         _install_resolving_commit(connection.engine.dialect, connection.engine.pool)
@@ -224,20 +233,31 @@ def _statement_failed(context: ExceptionContext, connection: sa.Connection, erro
             context.sqlalchemy_exception.db_retry_kind = ErrorKind.OUTAGE  # type: ignore[attr-defined]
         return None
     if _is_node_role_error(code, error):
-        read_only = _node_reports_read_only(connection)
-        if read_only is not False:  # the node is read-only, or the driver cannot tell: not the session's doing
-            context.is_disconnect = True  # invalidates this connection and refreshes the pool
-        if read_only and context.sqlalchemy_exception is not None:
-            # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
-            # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
+        _node_role_failed(context, connection)
+        return None
+    if context.is_disconnect or code in LOST_CONNECTION_SQLSTATES:
+        if connection.info.get(_UNPROVEN) and context.sqlalchemy_exception is not None:
+            # Lost before this connection ever committed: behind PgBouncer during a server restart, each
+            # new client connection is accepted and then closed. No server is there yet: wait for one
+            # within DB_RETRY_OUTAGE_TIMEOUT, as for a refused connection, rather than count attempts.
             context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
-    if context.is_disconnect or code is None:
+    if code is None:
         return None
     transaction = connection.get_nested_transaction() or connection.get_transaction()
     if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
         connection.info[FAILED_IN] = weakref.ref(transaction)
     return None
+
+
+def _node_role_failed(context: ExceptionContext, connection: sa.Connection) -> None:
+    read_only = _node_reports_read_only(connection)
+    if read_only is not False:  # the node is read-only, or the driver cannot tell: not the session's doing
+        context.is_disconnect = True  # invalidates this connection and refreshes the pool
+    if read_only and context.sqlalchemy_exception is not None:
+        # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
+        # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
+        context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
 
 
 def _is_node_role_error(code: str | None, error: BaseException) -> bool:

@@ -27,12 +27,6 @@ WORKERS = 2
 POOL = 2 * WORKERS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: while the server restarts, PgBouncer's 'server login has been failing, try again later "
-    "(server_login_retry)' reaches asyncpg as 08003 'connection was closed in the middle of operation' (psycopg "
-    "gets 08P01, now classified), and 08003 is retried as counted attempts (3), which the restart outlasts",
-)
 async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
     fresh_cluster: ClusterFactory, pgbouncer: PgBouncerFactory
 ) -> None:
