@@ -111,6 +111,15 @@ class _Router:
         return healthy[next(self._turn) % len(healthy)]
 
 
+# Timed-out checks still unwinding (closing their connection); kept so that they are not collected early.
+_UNWINDING: set[asyncio.Future[WalStatus]] = set()
+
+
+def _forget_unwound(task: "asyncio.Future[WalStatus]") -> None:
+    _UNWINDING.discard(task)
+    _ = task.cancelled() or task.exception()  # retrieved: a failure while unwinding is of no interest now
+
+
 def _has_row_lock(statement: object) -> bool:
     """Whether a SELECT locks rows (``FOR UPDATE`` / ``FOR SHARE``), which a standby refuses.
 
@@ -348,10 +357,25 @@ class RoutingSessionMaker(sa_async.async_sessionmaker[sa_async.AsyncSession]):
             await self._apply(replica, self._status(replica.name, answer, position, unknown))
 
     async def _read(self, engine: sa_async.AsyncEngine) -> WalStatus | str:
-        """The server's WAL status, or why it could not be read; never raises (but lets cancellation through)."""
+        """The server's WAL status, or why it could not be read; never raises (but lets cancellation through).
+
+        The query runs in a task of its own: past ``check_timeout`` it is cancelled and left to unwind
+        in the background, since closing a connection to a server that hangs can itself hang (SQLAlchemy
+        2.0 closes gracefully), and the check must not wait for that.
+        """
+        query = asyncio.ensure_future(_query(engine))
         try:
-            async with asyncio.timeout(self._check_timeout):
-                return await _query(engine)
+            done, _ = await asyncio.wait({query}, timeout=self._check_timeout)
+        except asyncio.CancelledError:
+            query.cancel()
+            raise
+        if not done:
+            query.cancel()
+            _UNWINDING.add(query)
+            query.add_done_callback(_forget_unwound)
+            return describe_error(TimeoutError(), timeout=self._check_timeout)
+        try:
+            return query.result()
         except Exception as exc:  # noqa: BLE001 - whatever failed, reads must not go there
             return describe_error(exc, timeout=self._check_timeout, password=engine.url.password)
 

@@ -952,3 +952,21 @@ async def test_a_check_role_without_pg_read_all_stats(pg_cluster: PostgresCluste
         await primary.dispose()
         await replica.dispose()
         await pg_cluster.primary.execute(f"DROP ROLE {role}")
+
+
+async def test_a_cancelled_refresh_cancels_its_checks(pg_cluster: PostgresCluster, replica: AsyncEngine) -> None:
+    async with TcpProxy(pg_cluster.primary.host, pg_cluster.primary.port, name="to-primary") as to_primary:
+        primary = create_async_engine(f"postgresql+asyncpg://postgres@{to_primary.address}/postgres")
+        maker = RoutingSessionMaker(primary, {"standby": replica}, check_interval=None, check_timeout=30)
+        try:
+            to_primary.hang()
+            refresh = asyncio.ensure_future(maker.refresh())
+            await asyncio.sleep(0.2)  # the primary's check waits for an answer that does not come
+            refresh.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await refresh
+            assert not maker.replicas["standby"].healthy  # never checked: no reads yet
+        finally:
+            to_primary.pass_through()
+            await maker.close()
+            await primary.dispose()
