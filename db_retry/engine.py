@@ -236,7 +236,8 @@ def _statement_failed(context: ExceptionContext, connection: sa.Connection, erro
         _node_role_failed(context, connection)
         return None
     if context.is_disconnect or code in LOST_CONNECTION_SQLSTATES:
-        if connection.info.get(_UNPROVEN) and context.sqlalchemy_exception is not None:
+        lost_only = code is None or code in LOST_CONNECTION_SQLSTATES  # not 57P01 and the like: a server spoke
+        if lost_only and connection.info.get(_UNPROVEN) and context.sqlalchemy_exception is not None:
             # Lost before this connection ever committed: behind PgBouncer during a server restart, each
             # new client connection is accepted and then closed. No server is there yet: wait for one
             # within DB_RETRY_OUTAGE_TIMEOUT, as for a refused connection, rather than count attempts.

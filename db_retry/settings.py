@@ -80,8 +80,9 @@ def _variables(field: str) -> tuple[str, ...]:
 
 
 _VARIABLES: typing.Final = tuple(name for field in RetrySettings.model_fields for name in _variables(field))
-# pydantic reports an error at the field's first alias: from there to all of the field's variables.
-_SIBLINGS: typing.Final = {names[0]: names for names in map(_variables, RetrySettings.model_fields)}
+# pydantic reports an error at one of the field's aliases (the first, or with pydantic-settings 2.2 the
+# one that was set): from any of them to all of the field's variables.
+_SIBLINGS: typing.Final = {name: names for names in map(_variables, RetrySettings.model_fields) for name in names}
 
 
 @functools.lru_cache(maxsize=1)
