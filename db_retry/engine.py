@@ -243,7 +243,7 @@ def _statement_failed(context: ExceptionContext, connection: sa.Connection, erro
             # within DB_RETRY_OUTAGE_TIMEOUT, as for a refused connection, rather than count attempts.
             context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         return None
-    if code is None:
+    if code is None:  # pragma: no cover - driver errors without a code reach here only as disconnects (above)
         return None
     transaction = connection.get_nested_transaction() or connection.get_transaction()
     if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
