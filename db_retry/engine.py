@@ -1,41 +1,39 @@
 """Engine-level behaviour: what db-retry adds to every SQLAlchemy engine, through SQLAlchemy's public events.
 
-Importing :mod:`db_retry` installs these listeners on :class:`sqlalchemy.engine.Engine` itself, so they
-apply to every engine (sync or async, asyncpg or psycopg, any pool) whichever way the work commits:
-``Connection.commit()``, ``async with engine.begin()``, ``Session.commit()``, ``async with
-session.begin()`` or :class:`db_retry.Transaction`. All of them end in ``Connection._commit_impl``,
-which fires the ``commit`` event and routes a failure through ``handle_error``.
+Importing :mod:`db_retry` installs these listeners on :class:`sqlalchemy.engine.Engine` and
+:class:`sqlalchemy.pool.Pool` themselves, so they apply to every engine (sync or async, asyncpg or
+psycopg, any pool) whichever way the work commits: ``Connection.commit()``, ``async with
+engine.begin()``, ``Session.commit()``, ``async with session.begin()`` or :class:`db_retry.Transaction`.
+All of them end in ``Connection._commit_impl``, which fires the ``commit`` event and routes a failure
+through ``handle_error``.
 
-- **A lost COMMIT** (the connection or the server went away while ``COMMIT`` was in flight) becomes
-  :class:`CommitOutcomeUnknownError`: the transaction may or may not be committed, so it is not retried
-  unless the call site opts in. A COMMIT that the server refused (``40001`` at commit, a deferred
-  constraint) is a definite failure and keeps its error.
-- **A node-role error** (``25006``: a write reached a read-only node, e.g. a demoted primary behind a
-  DSN, DNS name or VIP that moved) counts as a disconnect: SQLAlchemy invalidates that connection and
-  the pool's other connections of the same age, so the next checkout connects afresh (to the new
-  primary, with the read-write factory) instead of going back to the read-only node. No round trip is
-  added at checkout.
-- **A connection the driver left unusable** without a SQLSTATE (asyncpg's protocol state errors) is
-  treated as a disconnect too.
-- **Statements prepared behind a transaction pooler**: ``26000`` / ``42P05`` (or ``08P01`` "bind
-  message supplies ...") about a statement the driver itself prepared (``__asyncpg_stmt_N__``,
-  ``_pg3_N``) becomes :class:`PreparedStatementBehindPoolerError`, which says what to set; never retried.
+Each pooled DBAPI connection carries one :class:`ConnectionState` (in its pool record's ``info``): what
+the connection is doing (:class:`Phase`) and what it has shown (which server answered it). Every
+decision below reads it; the listeners are its only writers. ``architecture/engine.md`` draws the
+state machine and gives the reasons.
+
+- **A new connection proves a server answers** (one ``SELECT 1`` before the pool hands it out). If it
+  does not, the connect fails with :class:`ServerNotAnsweringError`: the work never started, so waiting
+  for the server is bounded by time (``DB_RETRY_OUTAGE_TIMEOUT``), never by attempts. A connection lost
+  after that ran work: it counts as an attempt (a statement that kills its backend is not re-run for
+  ever).
+- **A lost COMMIT** becomes :class:`CommitOutcomeUnknownError`; a COMMIT the client never sent becomes
+  :class:`CommitNotAppliedError`; a COMMIT the server refused keeps its error. In autocommit every
+  statement is its own COMMIT: a statement lost in flight is outcome-unknown too.
+- **A node-role error** (``25006``, a standby's ``0A000``) from a node that reports itself read-only
+  refreshes the pool and waits for a writable node; the caller's own ``READ ONLY`` transaction on a
+  writable node is not transient.
+- **Statements prepared behind a transaction pooler** become :class:`PreparedStatementBehindPoolerError`.
 - **A server error that aborts the transaction** is remembered per (sub)transaction, so
-  :class:`db_retry.Transaction` can tell without a round trip that it must roll back first.
-- **Resolving a lost COMMIT** (opt-in: ``postgres_retry(resolve_commit=True)`` for a call site, or the
-  execution option ``db_retry_resolve_commit=True`` for an engine or connection). Before ``COMMIT`` the
-  transaction's id is read (``pg_current_xact_id_if_assigned()``, one round trip). If the answer to
-  ``COMMIT`` is lost, a fresh connection asks the server (``pg_xact_status``), provided it is the same
-  server on the same timeline: committed, the commit returns normally and the work goes on; aborted,
-  or nothing written, :class:`CommitNotAppliedError` (retried); anything else, including a failover in
-  between, :class:`CommitOutcomeUnknownError`.
-
-``architecture/engine.md`` has the reasons.
+  :class:`db_retry.Transaction` and ``postgres_retry`` can tell without a round trip that it cannot go on.
+- **Resolving a lost COMMIT** (opt-in: ``postgres_retry(resolve_commit=True)``, or the execution option
+  ``db_retry_resolve_commit=True``): see :func:`_resolving_do_commit`.
 """
 
 import asyncio
 import contextvars
 import dataclasses
+import enum
 import functools
 import logging
 import re
@@ -43,17 +41,17 @@ import typing
 import weakref
 
 import sqlalchemy as sa
-import tenacity
 from sqlalchemy import event
-from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
+from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.util import await_only
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from db_retry.retriable import (
     LOST_AT_COMMIT,
     LOST_CONNECTION_SQLSTATES,
     ErrorKind,
     classify,
+    command_not_sent,
     leaves_connection_unusable,
     sqlstate_on_chain,
 )
@@ -61,13 +59,8 @@ from db_retry.retriable import (
 
 logger = logging.getLogger("db_retry.engine")
 
-FAILED_IN: typing.Final = "db_retry_failed_transaction"
+STATE: typing.Final = "db_retry_state"
 RESOLVE_OPTION: typing.Final = "db_retry_resolve_commit"
-_COMMITTING: typing.Final = "db_retry_committing"
-_WANT_RESOLUTION: typing.Final = "db_retry_want_resolution"
-_IDENTITY: typing.Final = "db_retry_server_identity"
-_VERDICT: typing.Final = "db_retry_commit_verdict"
-_UNPROVEN: typing.Final = "db_retry_never_committed"
 READ_ONLY_SQLSTATE: typing.Final = "25006"
 FEATURE_NOT_SUPPORTED: typing.Final = "0A000"
 # 0A000 messages of a standby refusing what only a primary does ("cannot use serializable mode in a hot
@@ -78,6 +71,9 @@ _ROLE_PARAMETERS: typing.Final = ("in_hot_standby", "default_transaction_read_on
 _PREPARED_STATEMENT_SQLSTATES: typing.Final = frozenset({"26000", "42P05", "08P01"})
 # The names asyncpg (also under SQLAlchemy's adapter) and psycopg 3 give the statements they prepare.
 _DRIVER_STATEMENT: typing.Final = re.compile(r'prepared statement "(__asyncpg_stmt_[0-9a-f]+__|_pg3_\d+)"')
+# A statement that may queue a notification (NOTIFY, pg_notify): its transaction gets an id only at COMMIT.
+_NOTIFIES: typing.Final = re.compile(r"notify", re.IGNORECASE)
+_PROBE: typing.Final = "SELECT 1"
 # Set by ``postgres_retry(resolve_commit=True)`` around the calls of its function.
 resolve_commits: contextvars.ContextVar[bool] = contextvars.ContextVar("db_retry_resolve_commits", default=False)
 
@@ -105,9 +101,10 @@ class CommitOutcomeUnknownError(sa.exc.OperationalError):
     """The connection was lost while ``COMMIT`` was in flight: the work may or may not be committed.
 
     Raised wherever the commit happens (``Connection``/``Session`` ``commit()`` and ``begin()`` blocks,
-    :meth:`db_retry.Transaction.commit`). :func:`db_retry.postgres_retry` does not retry it (retrying
-    could apply the work twice) unless the call site says ``retry_ambiguous_commit=True``. The driver's
-    own error is ``orig`` and is chained as ``__cause__``.
+    :meth:`db_retry.Transaction.commit`), and for a statement lost in flight in autocommit (each one is
+    its own commit). :func:`db_retry.postgres_retry` does not retry it (retrying could apply the work
+    twice) unless the call site says ``retry_ambiguous_commit=True``. The driver's own error is ``orig``
+    and is chained as ``__cause__``.
     """
 
     db_retry_kind: typing.ClassVar[ErrorKind] = ErrorKind.AMBIGUOUS
@@ -132,6 +129,20 @@ class CommitNotAppliedError(sa.exc.OperationalError):
         return f"COMMIT was not applied (the server said so after the connection was lost): {super().__str__()}"
 
 
+class ServerNotAnsweringError(sa.exc.OperationalError):
+    """A new connection did not answer its first query: no server stands behind it (yet).
+
+    A pooler (PgBouncer) accepts client connections while its server restarts, then closes them. The
+    work never started: :func:`db_retry.postgres_retry` waits for the server within
+    ``DB_RETRY_OUTAGE_TIMEOUT`` without counting an attempt. The driver's error is ``orig``.
+    """
+
+    db_retry_kind: typing.ClassVar[ErrorKind] = ErrorKind.UNAVAILABLE
+
+    def __str__(self) -> str:
+        return f"a new connection did not answer its first query: {super().__str__()}"
+
+
 class PreparedStatementBehindPoolerError(sa.exc.ProgrammingError):
     """The server does not know (or already has) a statement the driver prepared on this connection.
 
@@ -153,32 +164,163 @@ class PreparedStatementBehindPoolerError(sa.exc.ProgrammingError):
         )
 
 
+# -- the state of one connection ------------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """What a pooled connection is doing, as far as a failure on it is concerned."""
+
+    IDLE = "idle"  # no transaction began since the last COMMIT/ROLLBACK (or autocommit)
+    IN_TRANSACTION = "in transaction"  # SQLAlchemy began a transaction
+    COMMITTING = "committing"  # COMMIT was handed to the driver; a failure without a statement is its own
+    RESOLVING = "resolving"  # the answer to COMMIT was lost; the server is being asked
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerIdentity:
+    """Which server incarnation answered: any change means an id may name another transaction now."""
+
+    system: str  # the cluster (pg_control_system's system identifier)
+    timeline: str | None  # changes when a standby is promoted; None on a standby
+    started: str  # the postmaster's start: changes on every restart
+    reset: str | None  # shared statistics' reset time: changes when the server reinitializes after a crash
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the server said about a lost COMMIT."""
+
+    applied: bool | None  # None: unknown
+    reason: str
+
+
+@dataclasses.dataclass(slots=True)
+class ConnectionState:
+    """Everything db-retry knows about one DBAPI connection; kept in its pool record's ``info``."""
+
+    phase: Phase = Phase.IDLE
+    resolve: bool = False  # the COMMIT in flight asks the server if its answer is lost
+    notified: bool = False  # the transaction may have queued a notification (its id comes at COMMIT)
+    identity: ServerIdentity | None = None  # the primary this connection wrote to, once resolution asked
+    verdict: Verdict | None = None  # the server's word on this connection's lost COMMIT
+    failed_in: "weakref.ref[sa.RootTransaction | sa.NestedTransaction] | None" = None  # aborted by a server error
+    pool: "weakref.ref[sa.pool.Pool] | None" = None  # the engine's pool at the last COMMIT: resolution connects there
+
+
+def state_of(info: dict[typing.Any, typing.Any]) -> ConnectionState:
+    """The state of the connection whose ``info`` this is (a connection made before import gets one now)."""
+    state = info.get(STATE)
+    if state is None:
+        state = info[STATE] = ConnectionState()
+    return typing.cast("ConnectionState", state)
+
+
+def transaction_failed(connection: sa.Connection) -> bool:
+    """Whether a server error aborted the connection's current (sub)transaction (``25P02`` would follow)."""
+    state = connection.info.get(STATE)
+    reference = state.failed_in if state is not None else None
+    failed = reference() if reference is not None else None
+    current = connection.get_nested_transaction() or connection.get_transaction()
+    return failed is not None and failed is current and current.is_active
+
+
+# -- listeners -------------------------------------------------------------------------------------------
+
+
 @event.listens_for(sa.pool.Pool, "connect")
-def _note_new_connection(_dbapi_connection: object, record: sa.pool.ConnectionPoolEntry) -> None:
-    """A new connection has not shown yet that a server stands behind it (a pooler accepts without one)."""
-    record.info[_UNPROVEN] = True
+def _on_connect(
+    dbapi_connection: typing.Any,  # noqa: ANN401 - any driver's connection
+    record: sa.pool.ConnectionPoolEntry,
+) -> None:
+    """A new connection: fresh state, and one round trip that proves a server answers behind it."""
+    record.info[STATE] = ConnectionState()
+    try:
+        _probe(dbapi_connection)
+    except Exception as exc:
+        _discard(dbapi_connection)  # SQLAlchemy drops a record whose connect event failed without closing it
+        raise ServerNotAnsweringError(_PROBE, None, exc, hide_parameters=True) from exc
 
 
-@event.listens_for(sa.engine.Engine, "commit")
-def _note_commit(connection: sa.Connection) -> None:
-    """Mark the connection as committing: a failure before the next ``begin``/``rollback`` is the COMMIT's."""
-    connection.info[_COMMITTING] = True
-    connection.info.pop(_UNPROVEN, None)
-    if resolve_commits.get() or connection.get_execution_options().get(RESOLVE_OPTION):
-        connection.info[_WANT_RESOLUTION] = True
-        _install_resolving_commit(connection.engine.dialect, connection.engine.pool)
+def _probe(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver's connection
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if hasattr(driver, "get_settings"):  # asyncpg: the simple protocol, outside any transaction
+        await_only(driver.execute(_PROBE))
+        return
+    if hasattr(driver, "set_autocommit"):  # psycopg 3 (async): without autocommit it would send BEGIN first
+        autocommit = driver.autocommit
+        if not autocommit:
+            await_only(driver.set_autocommit(True))  # idle: no round trip
+        try:
+            await_only(driver.execute(_PROBE))
+        finally:
+            if not autocommit:
+                await_only(driver.set_autocommit(False))
+        return
+    cursor = dbapi_connection.cursor()  # any other DBAPI driver (sync engines)
+    try:
+        cursor.execute(_PROBE)
+        cursor.fetchall()
+    finally:
+        cursor.close()
+    dbapi_connection.rollback()
+
+
+def _discard(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver's connection
+    try:
+        terminate = getattr(dbapi_connection, "terminate", None)
+        if terminate is not None:  # SQLAlchemy's async adapters: abort the socket, no goodbye to a silent peer
+            terminate()
+        else:  # pragma: no cover - sync drivers
+            dbapi_connection.close()
+    except Exception:
+        logger.debug("closing a connection that failed its first query failed too", exc_info=True)
+
+
+def _wants_resolution(connection: sa.Connection) -> bool:
+    return resolve_commits.get() or bool(connection.get_execution_options().get(RESOLVE_OPTION))
 
 
 @event.listens_for(sa.engine.Engine, "begin")
+def _on_begin(connection: sa.Connection) -> None:
+    if connection.invalidated:  # pragma: no cover - SQLAlchemy begins on valid connections; ``info`` would reconnect
+        return
+    state = state_of(connection.info)
+    state.phase = Phase.IN_TRANSACTION
+    state.notified = False
+    state.failed_in = None
+    if _wants_resolution(connection):
+        _install_resolution(connection.engine)
+
+
+@event.listens_for(sa.engine.Engine, "commit")
+def _on_commit(connection: sa.Connection) -> None:
+    """COMMIT is handed to the driver: a failure before the next ``begin``/``rollback`` is the COMMIT's."""
+    state = state_of(connection.info)
+    state.phase = Phase.COMMITTING
+    state.verdict = None
+    state.resolve = _wants_resolution(connection)
+    if state.resolve:
+        state.pool = weakref.ref(connection.engine.pool)  # the current one: engine.dispose() replaces it
+        _install_resolution(connection.engine)
+
+
 @event.listens_for(sa.engine.Engine, "rollback")
-def _clear_commit(connection: sa.Connection) -> None:
+def _on_rollback(connection: sa.Connection) -> None:
     if not connection.invalidated:  # ``info`` of an invalidated connection would try to reconnect
-        connection.info.pop(_COMMITTING, None)
+        state = state_of(connection.info)
+        state.phase = Phase.IDLE
+        state.failed_in = None
 
 
-def _commit_was_lost(context: ExceptionContext) -> bool:
-    error = context.original_exception
-    return context.is_disconnect or isinstance(error, TimeoutError) or classify(error) in LOST_AT_COMMIT
+def _note_notify(
+    connection: sa.Connection,
+    _cursor: object,
+    statement: str,
+    *_: object,
+) -> None:
+    """On engines that resolve commits: a statement that may queue a notification gets its id at COMMIT."""
+    if _NOTIFIES.search(statement):
+        state_of(connection.info).notified = True
 
 
 @event.listens_for(sa.engine.Engine, "handle_error")
@@ -186,38 +328,62 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
     connection = context.connection
     error = context.original_exception
     if not isinstance(error, Exception):
-        return None  # the caller's own cancellation
+        return None  # the caller's own cancellation: SQLAlchemy invalidates the connection it interrupted
     if connection is None:
-        # A failed connect. A standby refusing what the engine sets up (SERIALIZABLE, read-write) while
-        # connecting is a node that cannot serve writes now (asyncpg may report it only as the 25P01 of
-        # the poisoned connection that follows): the work never started.
-        refused = _is_node_role_error(sqlstate_on_chain(error), error) or leaves_connection_unusable(error)
-        if refused and context.sqlalchemy_exception is not None:
-            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
+        _connect_failed(context, error)
         return None
     if connection.invalidated:  # pragma: no cover - SQLAlchemy does not report errors of a connection it gave up
         return None  # ... and its ``info`` would try to reconnect
-    # SQLAlchemy passes no statement for COMMIT (nor for BEGIN/ROLLBACK, whose events clear the mark).
-    if connection.info.pop(_COMMITTING, False) and context.statement is None:
-        return _commit_failed(context, connection, error)
-    return _statement_failed(context, connection, error)
+    state = state_of(connection.info)
+    # SQLAlchemy passes no statement for COMMIT (nor for BEGIN/ROLLBACK, whose events move the phase on).
+    if state.phase is Phase.COMMITTING and context.statement is None:
+        state.phase = Phase.IDLE
+        return _commit_failed(context, state, error)
+    return _statement_failed(context, connection, state, error)
 
 
-def _commit_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
-    verdict: _Verdict | None = connection.info.pop(_VERDICT, None)
-    if not _commit_was_lost(context):
+def _mark(context: ExceptionContext, kind: ErrorKind | None) -> None:
+    """Tell ``classify`` what this listener learned of the error (SQLAlchemy's exception carries it)."""
+    if context.sqlalchemy_exception is not None:  # pragma: no branch - the adapters wrap these as DBAPI errors
+        context.sqlalchemy_exception.db_retry_kind = kind  # type: ignore[attr-defined]
+
+
+def _connect_failed(context: ExceptionContext, error: Exception) -> None:
+    """A failed connect (or a fresh engine's first-connect queries): whatever it was, the work never started."""
+    refused = _is_node_role_error(sqlstate_on_chain(error), error) or leaves_connection_unusable(error)
+    if refused or classify(error) in (ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE):
+        _mark(context, ErrorKind.UNAVAILABLE)
+
+
+def _commit_lost(context: ExceptionContext, error: Exception) -> bool:
+    return context.is_disconnect or isinstance(error, TimeoutError) or classify(error) in LOST_AT_COMMIT
+
+
+def _commit_failed(context: ExceptionContext, state: ConnectionState, error: Exception) -> BaseException | None:
+    verdict, state.verdict = state.verdict, None
+    if command_not_sent(error):
+        # The driver refused to send COMMIT (asyncpg: another operation in progress on the connection):
+        # nothing committed. The connection is in a state no later operation can use: replace it.
+        context.is_disconnect = True
+        verdict = Verdict(applied=False, reason=f"COMMIT was never sent ({type(error).__name__})")
+    elif not _commit_lost(context, error):
         return None  # the server answered: the COMMIT definitely failed
     error_class = (
         CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
     )
-    unknown = error_class("COMMIT", None, error, hide_parameters=True, connection_invalidated=context.is_disconnect)
+    lost = error_class("COMMIT", None, error, hide_parameters=True, connection_invalidated=context.is_disconnect)
     if verdict is not None:
-        unknown.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
-    return unknown
+        lost.add_note(f"db-retry asked the server about the lost COMMIT: {verdict.reason}")
+    return lost
 
 
-def _statement_failed(context: ExceptionContext, connection: sa.Connection, error: Exception) -> BaseException | None:
+def _statement_failed(
+    context: ExceptionContext, connection: sa.Connection, state: ConnectionState, error: Exception
+) -> BaseException | None:
     code = sqlstate_on_chain(error)
+    if code is not None or context.is_disconnect:  # the transaction cannot go on (25P02 would follow)
+        transaction = connection.get_nested_transaction() or connection.get_transaction()
+        state.failed_in = weakref.ref(transaction) if transaction is not None else None
     if code in _PREPARED_STATEMENT_SQLSTATES and _DRIVER_STATEMENT.search(str(error)):
         return PreparedStatementBehindPoolerError(
             context.statement,
@@ -228,37 +394,39 @@ def _statement_failed(context: ExceptionContext, connection: sa.Connection, erro
         )
     if leaves_connection_unusable(error):
         context.is_disconnect = True  # invalidates this connection and refreshes the pool
-        if context.sqlalchemy_exception is not None:  # pragma: no branch - the adapters wrap these as DBAPI errors
-            # Nothing ran on it; another connection will do (a 25P01 alone is the caller's own mistake).
-            context.sqlalchemy_exception.db_retry_kind = ErrorKind.OUTAGE  # type: ignore[attr-defined]
+        _mark(context, ErrorKind.OUTAGE)  # the statement was never sent; another connection will do
         return None
     if _is_node_role_error(code, error):
         _node_role_failed(context, connection)
         return None
-    if context.is_disconnect or code in LOST_CONNECTION_SQLSTATES:
-        lost_only = code is None or code in LOST_CONNECTION_SQLSTATES  # not 57P01 and the like: a server spoke
-        if lost_only and connection.info.get(_UNPROVEN) and context.sqlalchemy_exception is not None:
-            # Lost before this connection ever committed: behind PgBouncer during a server restart, each
-            # new client connection is accepted and then closed. No server is there yet: wait for one
-            # within DB_RETRY_OUTAGE_TIMEOUT, as for a refused connection, rather than count attempts.
-            context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
-        return None
-    if code is None:  # pragma: no cover - driver errors without a code reach here only as disconnects (above)
-        return None
-    transaction = connection.get_nested_transaction() or connection.get_transaction()
-    if transaction is not None:  # pragma: no branch - SQLAlchemy begins one before any statement runs
-        connection.info[FAILED_IN] = weakref.ref(transaction)
+    lost = context.is_disconnect or code in LOST_CONNECTION_SQLSTATES or classify(error) is ErrorKind.AMBIGUOUS
+    if lost and _autocommit(connection) and not _node_reports_read_only(connection):
+        # In autocommit the statement was its own transaction: the server may have committed it.
+        return CommitOutcomeUnknownError(
+            context.statement,
+            context.parameters,
+            error,
+            hide_parameters=True,
+            connection_invalidated=context.is_disconnect,
+        )
     return None
+
+
+def _autocommit(connection: sa.Connection) -> bool:
+    return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
 
 
 def _node_role_failed(context: ExceptionContext, connection: sa.Connection) -> None:
     read_only = _node_reports_read_only(connection)
-    if read_only is not False:  # the node is read-only, or the driver cannot tell: not the session's doing
-        context.is_disconnect = True  # invalidates this connection and refreshes the pool
-    if read_only and context.sqlalchemy_exception is not None:
+    if read_only is False:
+        # The node takes writes: the caller's own READ ONLY transaction refused the write. Not transient.
+        _mark(context, None)
+        return
+    context.is_disconnect = True  # invalidates this connection and refreshes the pool
+    if read_only:
         # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
         # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
-        context.sqlalchemy_exception.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
+        _mark(context, ErrorKind.UNAVAILABLE)
 
 
 def _is_node_role_error(code: str | None, error: BaseException) -> bool:
@@ -288,33 +456,19 @@ def _node_reports_read_only(connection: sa.Connection) -> bool | None:
 # -- resolving a lost COMMIT ----------------------------------------------------------------------------
 
 # One round trip before COMMIT: the transaction's id (NULL if it wrote nothing) and, on a connection's
-# first write, which server this is: the cluster (system identifier), the timeline (it changes when a
-# standby is promoted) and the postmaster's start (it changes when the server restarts).
-_XID_QUERY: typing.Final = "SELECT pg_catalog.pg_current_xact_id_if_assigned()::text"
+# first resolved COMMIT, which server incarnation this is. A transaction that may have queued a
+# notification takes its id now (``pg_current_xact_id``): otherwise it would get one only at COMMIT.
+_XID: typing.Final = "pg_catalog.pg_current_xact_id_if_assigned()::text"
+_XID_FORCED: typing.Final = "pg_catalog.pg_current_xact_id()::text"
 _IDENTITY_COLUMNS: typing.Final = (
     "(SELECT system_identifier FROM pg_catalog.pg_control_system())::text, "
     "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
     "ELSE substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) END, "
-    "pg_catalog.pg_postmaster_start_time()::text"
+    "pg_catalog.pg_postmaster_start_time()::text, "
+    "pg_catalog.pg_stat_get_bgwriter_stat_reset_time()::text"
 )
-_XID_AND_IDENTITY_QUERY: typing.Final = f"{_XID_QUERY}, {_IDENTITY_COLUMNS}"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Identity:
-    system: str
-    timeline: str | None  # None on a standby
-    started: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Verdict:
-    applied: bool | None  # None: unknown
-    reason: str
-
-
-_NO_ANSWER: typing.Final = "the server cannot be asked"
 _INVALID_PARAMETER: typing.Final = "22023"  # pg_xact_status of an id the server has not given out yet
+_NO_ANSWER: typing.Final = "the server cannot be asked"
 
 
 class _NotYet(Exception):  # noqa: N818 - a signal inside the resolution loop, never raised to callers
@@ -324,13 +478,15 @@ class _NotYet(Exception):  # noqa: N818 - a signal inside the resolution loop, n
         super().__init__(f"{what} ({type(error).__name__})" if error is not None else what)
 
 
-def _install_resolving_commit(dialect: Dialect, pool: sa.pool.Pool) -> None:
-    """Give this engine's dialect a ``do_commit`` that can resolve a lost COMMIT (once per engine)."""
+def _install_resolution(engine: sa.Engine) -> None:
+    """Give this engine a ``do_commit`` that can resolve a lost COMMIT, and notice NOTIFY (once per engine)."""
+    dialect = engine.dialect
     if getattr(dialect, "_db_retry_resolving", False):
         return
     original = dialect.do_commit
-    dialect.do_commit = functools.partial(_resolving_do_commit, original, weakref.ref(pool))  # type: ignore[method-assign]
+    dialect.do_commit = functools.partial(_resolving_do_commit, original)  # type: ignore[method-assign]
     dialect._db_retry_resolving = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own marker
+    event.listen(engine, "before_cursor_execute", _note_notify)
 
 
 def _fetch_row(connection: PoolProxiedConnection, query: str) -> tuple[typing.Any, ...]:
@@ -344,95 +500,118 @@ def _fetch_row(connection: PoolProxiedConnection, query: str) -> tuple[typing.An
 
 
 def _resolving_do_commit(
-    original: typing.Callable[[PoolProxiedConnection], None],
-    pool_ref: "weakref.ref[sa.pool.Pool]",
-    connection: PoolProxiedConnection,
+    original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection
 ) -> None:
-    if not connection.info.pop(_WANT_RESOLUTION, False):
+    """COMMIT; if its answer is lost, ask the server whether the transaction committed.
+
+    Before COMMIT, one query reads the transaction's id (and, once per connection, the server's
+    identity). If COMMIT is lost (not refused: a refusal is a definite answer), fresh connections through
+    the engine's current pool ask ``pg_xact_status`` for at most ``DB_RETRY_OUTAGE_TIMEOUT`` of real time:
+    every connect and query runs under what is left of it. Committed on the same server incarnation:
+    the commit returns. Aborted, never written, or unknown to the server: not applied. Anything else:
+    unknown.
+    """
+    state = state_of(connection.info)
+    if not state.resolve:
         original(connection)
         return
-    identity: _Identity | None = connection.info.get(_IDENTITY)
+    state.resolve = False
+    xid_column = _XID_FORCED if state.notified else _XID
     try:
-        if identity is None:
-            xid, system, timeline, started = _fetch_row(connection, _XID_AND_IDENTITY_QUERY)
-            identity = _Identity(system, timeline, started)
-            if timeline is not None:  # a standby's identity changes if it is promoted: not kept
-                connection.info[_IDENTITY] = identity
+        if state.identity is None:
+            xid, *identity_row = _fetch_row(connection, f"SELECT {xid_column}, {_IDENTITY_COLUMNS}")
+            identity = ServerIdentity(*identity_row)
+            if identity.timeline is not None:  # a standby's identity changes if it is promoted: not kept
+                state.identity = identity
         else:
-            (xid,) = _fetch_row(connection, _XID_QUERY)
+            identity = state.identity
+            (xid,) = _fetch_row(connection, f"SELECT {xid_column}")
     except Exception:
-        connection.info[_VERDICT] = _Verdict(applied=False, reason="COMMIT was never sent")
+        state.verdict = Verdict(applied=False, reason="COMMIT was never sent")
         raise
     try:
         original(connection)
-    except Exception:
-        verdict = _Verdict(applied=False, reason="the transaction wrote nothing") if xid is None else None
-        pool = pool_ref()
-        if verdict is None and pool is not None:
-            verdict = _ask_the_server(pool, identity, str(xid))
-        if verdict is not None and verdict.applied:
+    except Exception as exc:
+        if command_not_sent(exc) or (classify(exc) not in LOST_AT_COMMIT and not isinstance(exc, TimeoutError)):
+            raise  # refused by the server, or never sent: no need to ask (``_commit_failed`` tells which)
+        state.phase = Phase.RESOLVING
+        verdict = _ask_the_server(state, identity, xid)
+        state.phase = Phase.COMMITTING
+        if verdict.applied:
             logger.info("a lost COMMIT was applied: %s", verdict.reason)
             connection.invalidate(soft=True)  # its socket is gone: replace it at the next checkout
             return
-        connection.info[_VERDICT] = verdict
+        state.verdict = verdict
         raise
 
 
-def _ask_the_server(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdict:
-    """Whether transaction ``xid`` committed, asked on fresh connections until the bound passes."""
+def _ask_the_server(state: ConnectionState, identity: ServerIdentity, xid: str | None) -> Verdict:
+    if xid is None:
+        return Verdict(applied=False, reason="the transaction wrote nothing")
+    pool = state.pool() if state.pool is not None else None
+    if pool is None:  # pragma: no cover - the engine was garbage-collected during its own COMMIT
+        return Verdict(applied=None, reason="the engine is gone")
     from db_retry.settings import get_settings  # noqa: PLC0415 - settings import this module's users
 
     settings = get_settings()
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_delay(settings.outage_timeout),
-        wait=tenacity.wait_random_exponential(multiplier=settings.outage_delay, max=settings.outage_max_delay),
-        retry=tenacity.retry_if_exception_type(_NotYet),
-        sleep=lambda seconds: await_only(asyncio.sleep(seconds)),
-        reraise=True,
-    )
+    return await_only(_resolve(pool, identity, str(xid), settings.outage_timeout, settings.outage_max_delay))
+
+
+async def _resolve(pool: sa.pool.Pool, identity: ServerIdentity, xid: str, budget: float, pause: float) -> Verdict:
+    """Ask on fresh connections until an answer comes or ``budget`` seconds of real time have passed."""
     throwaway = pool.recreate()  # the same creator (multi-host factory included), outside the engine's pool
+    reason = _NO_ANSWER
     try:
-        return retrying(_status, throwaway, identity, xid)
-    except _NotYet as exc:
-        return _Verdict(applied=None, reason=f"no answer within {settings.outage_timeout:g}s: {exc}")
+        async with asyncio.timeout(budget):
+            while True:
+                try:
+                    return await greenlet_spawn(_status, throwaway, identity, xid)
+                except _NotYet as exc:
+                    reason = str(exc)
+                await asyncio.sleep(pause)
+    except TimeoutError:
+        return Verdict(applied=None, reason=f"no answer within {budget:g}s: {reason}")
     finally:
         throwaway.dispose()
 
 
-def _status(pool: sa.pool.Pool, identity: _Identity, xid: str) -> _Verdict:
+def _status(pool: sa.pool.Pool, identity: ServerIdentity, xid: str) -> Verdict:
     try:
         connection = pool.connect()
-        try:
-            return _judge(identity, xid, connection)
-        finally:
-            connection.invalidate()  # never back into a pool: this one is thrown away
+    except Exception as exc:  # noqa: BLE001 - no connection yet: ask again
+        raise _NotYet(_NO_ANSWER, exc) from None
+    try:
+        return _judge(identity, xid, connection)
     except _NotYet:
         raise
-    except Exception as exc:  # noqa: BLE001 - no connection, or it broke while asking: not yet
+    except Exception as exc:  # noqa: BLE001 - it broke while asking: ask again
         raise _NotYet(_NO_ANSWER, exc) from None
+    finally:
+        connection.invalidate()  # never back into a pool: this one is thrown away (terminated, not closed)
 
 
-def _judge(identity: _Identity, xid: str, connection: PoolProxiedConnection) -> _Verdict:
-    now = _Identity(*_fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"))
+def _judge(identity: ServerIdentity, xid: str, connection: PoolProxiedConnection) -> Verdict:
+    now = ServerIdentity(*_fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"))
     if now.system != identity.system or now.timeline != identity.timeline:
-        return _Verdict(applied=None, reason="another server or timeline answers now (a failover?)")
+        return Verdict(applied=None, reason="another server or timeline answers now (a failover?)")
     if not xid.isdigit():  # pragma: no cover - the server gave it as a number
-        return _Verdict(applied=None, reason=f"unexpected transaction id {xid!r}")
+        return Verdict(applied=None, reason=f"unexpected transaction id {xid!r}")
     try:
         (status,) = _fetch_row(connection, f"SELECT pg_catalog.pg_xact_status('{xid}'::xid8)")
     except Exception as exc:
         if sqlstate_on_chain(exc) == _INVALID_PARAMETER and "in the future" in str(exc):
             # At or past the server's next id: it never became durable (lost in a crash), so it cannot
             # have committed. (A snapshot's xmax is no substitute: it lags behind transactions in progress.)
-            return _Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
+            return Verdict(applied=False, reason=f"transaction {xid} is unknown to the server")
         raise  # pragma: no cover - any other failure while asking: asked again (``_status``)
     if status == "in progress":
         raise _NotYet("transaction " + xid + " is still in progress")
     if status == "aborted":
-        return _Verdict(applied=False, reason=f"transaction {xid} aborted")
-    if status == "committed" and now.started == identity.started:
-        return _Verdict(applied=True, reason=f"transaction {xid} committed")
+        return Verdict(applied=False, reason=f"transaction {xid} aborted")
+    if status == "committed" and now == identity:
+        return Verdict(applied=True, reason=f"transaction {xid} committed")
     # Committed after a restart: after a crash the id of a transaction whose WAL was never flushed is
-    # given out again, so the answer may be another transaction's. NULL: too old to be known any more.
+    # given out again (the postmaster keeps its start time; the shared statistics are reset), so the
+    # answer may be another transaction's. NULL: too old to be known any more.
     restarted = f"the server restarted; transaction {xid} may be another one"
-    return _Verdict(applied=None, reason=restarted if status == "committed" else f"the server forgot {xid}")
+    return Verdict(applied=None, reason=restarted if status == "committed" else f"the server forgot {xid}")

@@ -122,8 +122,9 @@ _PATIENCE: typing.Final = 1.0
 class _Budget(stop_base):
     """When to stop retrying one call; every limit runs from the call's first failure.
 
-    - ``attempts``: attempts that ran the work (conflicts and outages). With ``conflict_timeout``
-      set, conflicts do not count here and stop after that many seconds instead.
+    - ``attempts``: attempts that reached a server and ran the work (conflicts and outages), the first
+      included: 0.8.4's count (3 by default). With ``conflict_timeout`` set (opt-in), conflicts do not
+      count here and stop after that many seconds instead.
     - ``outage_timeout``: attempts that could not reach a usable server at all
       (:attr:`ErrorKind.UNAVAILABLE`) did not run the work; they never count, and stop after this.
     - ``timeout``: the whole retry, whatever failed.
@@ -170,6 +171,14 @@ class _Budget(stop_base):
         elapsed = self.clock() - self.started
         limits = [limit - elapsed for limit in (self.conflict_timeout, self.timeout) if limit is not None]
         return max(0.0, min(limits, default=_PATIENCE))
+
+    def clipped(self, wait: wait_base) -> typing.Callable[[tenacity.RetryCallState], float]:
+        """``wait``, never past this budget (only for this budget: a caller's own ``stop=`` keeps its waits)."""
+
+        def clipped_wait(retry_state: tenacity.RetryCallState) -> float:
+            return min(float(wait(retry_state)), self.remaining(retry_state))
+
+        return clipped_wait
 
     def remaining(self, retry_state: tenacity.RetryCallState) -> float:
         elapsed = self.clock() - self.started
@@ -416,18 +425,14 @@ class _Policy:
     ) -> _T:
         """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
         settings = self._settings(first_error)
-        explicit = self.retries is not None or settings.retries_set
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
-            conflict_timeout=None if explicit else settings.conflict_timeout,
+            conflict_timeout=settings.conflict_timeout,
             outage_timeout=settings.outage_timeout,
             timeout=self.timeout if self.timeout is not None else settings.timeout,
         )
         base_wait = self.wait or wait_for_error.from_settings(settings)
         blocked: list[str] = []
-
-        def wait(retry_state: tenacity.RetryCallState) -> float:
-            return min(float(base_wait(retry_state)), budget.remaining(retry_state))
 
         def should_retry(exc: BaseException) -> bool:
             if self.retried_kind(exc) is None:
@@ -441,7 +446,7 @@ class _Policy:
 
         retrying = tenacity.AsyncRetrying(
             stop=self.stop or budget,
-            wait=wait,
+            wait=base_wait if self.stop is not None else budget.clipped(base_wait),
             retry=tenacity.retry_if_exception(should_retry),
             before_sleep=self._before_sleep,
             sleep=self.sleep or asyncio.sleep,

@@ -28,7 +28,7 @@ class RetrySettings(BaseSettings):
         default=3,
         ge=1,
         validation_alias=pydantic.AliasChoices(RETRIES_ENV, LEGACY_RETRIES_ENV),
-        description="Total attempts, the first call included. Set (here or as retries=), it bounds conflicts too.",
+        description="Total attempts that reach a server, the first call included (0.8.4's count).",
     )
     conflict_delay: float = pydantic.Field(
         validation_alias="DB_RETRY_CONFLICT_DELAY", default=0.005, gt=0, description="Base wait after 40001/40P01."
@@ -39,11 +39,11 @@ class RetrySettings(BaseSettings):
         gt=0,
         description="Cap of one wait after a conflict.",
     )
-    conflict_timeout: float = pydantic.Field(
+    conflict_timeout: float | None = pydantic.Field(
         validation_alias="DB_RETRY_CONFLICT_TIMEOUT",
-        default=5.0,
+        default=None,
         ge=0,
-        description="Unless an attempt count is set: how long to keep retrying conflicts, from the first failure.",
+        description="Opt-in: conflicts do not count as attempts and are retried this long from the first failure.",
     )
     outage_delay: float = pydantic.Field(
         validation_alias="DB_RETRY_OUTAGE_DELAY", default=0.02, gt=0, description="Base wait after a lost server."
@@ -66,11 +66,6 @@ class RetrySettings(BaseSettings):
         gt=0,
         description="Time budget of the retries of one call, from its first failure.",
     )
-
-    @property
-    def retries_set(self) -> bool:
-        """Whether the environment set an attempt count (then conflicts count against it too)."""
-        return "retries_number" in self.model_fields_set
 
 
 def _variables(field: str) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from sqlalchemy import orm as sa_orm
 from sqlalchemy.engine.interfaces import IsolationLevel
 from sqlalchemy.ext import asyncio as sa_async
 
-from db_retry.engine import FAILED_IN, CommitOutcomeUnknownError
+from db_retry.engine import CommitOutcomeUnknownError, transaction_failed
 
 
 __all__ = ["CommitOutcomeUnknownError", "Transaction", "cannot_continue"]
@@ -39,13 +39,6 @@ def _held_connections(session: sa_async.AsyncSession | sa_orm.Session) -> list[s
     return list(unique.values())
 
 
-def _is_aborted(connection: sa.Connection) -> bool:
-    reference = connection.info.get(FAILED_IN)
-    failed = reference() if reference is not None else None
-    current = connection.get_nested_transaction() or connection.get_transaction()
-    return failed is not None and failed is current and current.is_active
-
-
 def cannot_continue(
     owner: sa_async.AsyncSession | sa_orm.Session | sa_async.AsyncConnection | sa.Connection,
 ) -> bool:
@@ -55,14 +48,14 @@ def cannot_continue(
         begun = connection.get_transaction() if connection is not None else None
         if connection is None or begun is None:
             return False
-        return not begun.is_active or connection.invalidated or _is_aborted(connection)
+        return not begun.is_active or connection.invalidated or transaction_failed(connection)
     sync_session = owner.sync_session if isinstance(owner, sa_async.AsyncSession) else owner
     transaction = sync_session.get_transaction()
     if transaction is None:
         return False
     if not transaction.is_active:
         return True
-    return any(connection.invalidated or _is_aborted(connection) for connection in _held_connections(owner))
+    return any(connection.invalidated or transaction_failed(connection) for connection in _held_connections(owner))
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True, slots=True)

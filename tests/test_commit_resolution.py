@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry import CommitOutcomeUnknownError, postgres_retry
-from db_retry.engine import _IDENTITY, RESOLVE_OPTION, CommitNotAppliedError
+from db_retry.engine import RESOLVE_OPTION, CommitNotAppliedError, state_of
 from db_retry.retriable import ErrorKind, classify
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.proxy import FrontendMessage, ProxyMode, TcpProxy, query_starts_with
@@ -405,6 +405,6 @@ async def test_a_standby_answers_a_read_only_commit_without_caching_its_identity
                 assert (await connection.execute(sa.text("SELECT pg_is_in_recovery()"))).scalar_one() is True
         async with engine.connect() as connection:
             # A standby that is promoted later would be another server: its identity is not kept.
-            assert _IDENTITY not in (await connection.get_raw_connection()).info
+            assert state_of((await connection.get_raw_connection()).info).identity is None
     finally:
         await engine.dispose()

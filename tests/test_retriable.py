@@ -1,5 +1,7 @@
 """Pure classification tables: which errors are transient, and of which kind."""
 
+import asyncio
+
 import asyncpg
 import pytest
 import sqlalchemy as sa
@@ -99,10 +101,10 @@ def test_plain_errors_are_not_transient() -> None:
     assert sqlstate_on_chain(ValueError("x")) is None
 
 
-def test_context_chain_is_walked_and_cycles_end() -> None:
-    outer = RuntimeError("wrapper, e.g. advanced-alchemy's RepositoryError")
+def test_explicit_wrappers_are_seen_through_and_cycles_end() -> None:
+    outer = RuntimeError("wrapper, e.g. advanced-alchemy's RepositoryError (raised `from` the database error)")
     inner = _Coded("40P01")
-    outer.__context__ = inner
+    outer.__cause__ = inner
     inner.__context__ = outer  # a cycle
     assert classify(outer) is ErrorKind.CONFLICT
     lonely = RuntimeError("a")
@@ -110,6 +112,32 @@ def test_context_chain_is_walked_and_cycles_end() -> None:
     lonely.__cause__ = other
     other.__cause__ = lonely
     assert classify(lonely) is None
+
+
+@pytest.mark.parametrize(
+    "outer",
+    [
+        ValueError("the caller's own error"),
+        _Coded("23505"),  # a fallback INSERT's unique violation
+        asyncio.CancelledError(),  # a cancellation that arrived during the rollback
+        KeyboardInterrupt(),
+    ],
+    ids=["ValueError", "23505", "CancelledError", "KeyboardInterrupt"],
+)
+def test_an_error_raised_while_handling_a_transient_one_decides(outer: BaseException) -> None:
+    # Raised inside an ``except`` block that handled a 40001 (or a lost connection): only ``__context__``
+    # links them. The outer error is what happened to the call; the conflict underneath no longer matters.
+    for underneath in (_Coded("40001"), _Coded("08006")):
+        outer.__context__ = underneath
+        assert classify(outer) is None
+        assert not is_retriable(outer)
+
+
+def test_a_library_error_with_only_a_context_is_seen_through() -> None:
+    # SQLAlchemy's and the drivers' own errors that say nothing themselves show what they were raised over.
+    outer = sa.exc.InvalidRequestError("the transaction is inactive")
+    outer.__context__ = _Coded("40001")
+    assert classify(outer) is ErrorKind.CONFLICT
 
 
 def test_ambiguous_anywhere_on_the_chain_wins() -> None:

@@ -444,11 +444,16 @@ def test_an_attempt_count_bounds_conflicts_too_and_the_total_budget_bounds_every
     assert unbounded.remaining_after_conflict() == retry_module._PATIENCE
 
 
-async def test_conflicts_are_retried_past_three_attempts_within_the_default_time_budget(
+async def test_conflicts_count_as_attempts_unless_a_conflict_time_budget_is_set(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name in ("DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER", "DB_RETRY_CONFLICT_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
+    work, calls = _failing([_Coded("40001")] * 6)
+    with pytest.raises(_Coded):
+        await postgres_retry(sleep=_no_sleep)(work)()
+    assert len(calls) == 3  # 0.8.4's default count
+    monkeypatch.setenv("DB_RETRY_CONFLICT_TIMEOUT", "5")  # opted in: conflicts are bounded by time instead
     work, calls = _failing([_Coded("40001")] * 6 + [_Coded("57P01")])
     assert await postgres_retry(sleep=_no_sleep)(work)() == "done"
     assert len(calls) == 8
@@ -457,11 +462,6 @@ async def test_conflicts_are_retried_past_three_attempts_within_the_default_time
     with pytest.raises(_Coded):
         await postgres_retry(sleep=_no_sleep)(work)()
     assert len(calls) == 1
-    monkeypatch.setenv("DB_UTILS_RETRIES_NUMBER", "3")  # set explicitly, the attempt count bounds conflicts again
-    work, calls = _failing([_Coded("40001")] * 6)
-    with pytest.raises(_Coded):
-        await postgres_retry(sleep=_no_sleep)(work)()
-    assert len(calls) == 3
 
 
 # -- hot spots ---------------------------------------------------------------------------------------
@@ -727,7 +727,8 @@ async def _count(engine: AsyncEngine) -> int:
         return int((await connection.execute(sa.text("SELECT count(*) FROM retry_items"))).scalar_one())
 
 
-@pytest.mark.parametrize("sqlstate", ["40001", "40P01", "08000", "08003", "08006", "57P01", "57P02", "25006"])
+# 25006 raised on a writable node is the session's own doing (tests/test_node_role.py): not here.
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01", "08000", "08003", "08006", "57P01", "57P02"])
 async def test_server_raised_transient_codes_are_retried_without_losing_or_doubling_writes(
     engine: AsyncEngine,
     sqlstate: str,

@@ -11,16 +11,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     assert get_retries_number() == 3
     assert get_settings().timeout is None
-    assert get_settings().conflict_timeout == 5.0
-    assert not get_settings().retries_set  # conflicts are then bounded by time, not by attempts
-
-
-@pytest.mark.parametrize("name", ["DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER"])
-def test_an_attempt_count_in_the_environment_is_an_explicit_one(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    for other in ("DB_RETRY_RETRIES_NUMBER", "DB_UTILS_RETRIES_NUMBER"):
-        monkeypatch.delenv(other, raising=False)
-    monkeypatch.setenv(name, "3")
-    assert get_settings().retries_set
+    assert get_settings().conflict_timeout is None  # opt-in: by default conflicts count as attempts (0.8.4)
 
 
 def test_environment_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
