@@ -31,11 +31,12 @@ _AUTHORITY: typing.Final = re.compile(
     r"^(?P<scheme>[\w+]+://)(?P<userinfo>[^:/]*(?::[^@]*)?@)?(?P<hosts>[^/?]*)(?P<rest>.*)$", re.DOTALL
 )
 # A key=value entry that starts the text or follows whitespace (libpq) and one that follows ?, & or ; (a
-# URL query). Keys may be percent-encoded; a libpq value may be quoted (and an unterminated quote runs on);
-# words without "=" after a bare libpq value are taken as part of it (a password with an unquoted space).
+# URL query). Keys may be percent-encoded; a libpq value may be quoted (an unterminated quote runs on, and
+# what touches a closing quote, as in 'a'b, is taken as part of the value); words without "=" after a
+# value are taken as part of it (a password with an unquoted space).
 _CONNINFO_ENTRY: typing.Final = re.compile(
     r"(?P<head>(?:^|(?<=\s))(?P<key>[\w%.-]+)\s*=\s*)"
-    r"(?P<value>'(?:[^'\\]|\\.)*'?|(?:\\.|\S)*(?:\s+[^\s=]+(?=\s|$)(?!\s*=))*)",
+    r"(?P<value>(?:'(?:[^'\\]|\\.)*'?|\\.|\S)*(?:\s+[^\s=]+(?=\s|$)(?!\s*=))*)",
     re.DOTALL,
 )
 # One pair of a libpq connection string: key = value, the value bare or single-quoted, with \ escapes.
@@ -89,7 +90,7 @@ def mask_dsn(dsn: str | sa.URL) -> str:
 
 
 def _not_a_url(text: str) -> DSNError:
-    """What is wrong with text SQLAlchemy cannot parse, without echoing it: nothing tells where its password is."""
+    """What is wrong with text SQLAlchemy cannot parse, shown masked (SQLAlchemy's own error shows the password)."""
     scheme = re.match(r"\s*(?P<name>[A-Za-z][\w+.-]*)(?P<colon>:/*)?", text)
     if scheme is not None and scheme["colon"]:
         detail = f"'//' must follow {scheme['name']}:" if scheme["colon"] != "://" else "SQLAlchemy cannot read it"
@@ -97,7 +98,7 @@ def _not_a_url(text: str) -> DSNError:
         detail = f"':' must follow the scheme {scheme['name']}"
     else:
         detail = "no scheme such as postgresql://"
-    return DSNError(f"malformed DSN ({detail}): {EXPECTED}")
+    return DSNError(f"malformed DSN {mask_dsn(text)!r} ({detail}): {EXPECTED}")
 
 
 # -- libpq key=value connection strings ----------------------------------------------------------
@@ -111,12 +112,13 @@ def _conninfo_pairs(text: str) -> list[tuple[str, str]]:
         match = _CONNINFO_PAIR.match(text, position)
         position = match.end() if match else position
         if match is None or (position < len(text) and not text[position].isspace()):
-            # Never echo the text: after a badly quoted password it would be part of the password.
+            # The text is shown masked as a whole: from the key on, a badly quoted password is all masked.
+            shown = f"malformed connection string {mask_dsn(text)!r}"
             if match is not None and text[position] == "'":
-                msg = f"malformed connection string: the quoted value of {match['key']} has no closing quote"
+                msg = f"{shown}: the quoted value of {match['key']} has no closing quote"
             else:
                 after = f"after {pairs[-1][0]}=..." if pairs else "at the start"
-                msg = f"malformed connection string: expected key=value {after} (quote a value with spaces: key='a b')"
+                msg = f"{shown}: expected key=value {after} (quote a value with spaces: key='a b')"
             raise DSNError(msg)
         value = match["quoted"] if match["quoted"] is not None else match["plain"]
         pairs.append((match["key"], re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)))
@@ -133,7 +135,10 @@ def _conninfo_to_url(text: str) -> sa.URL:
     if "host" not in entries and "hostaddr" in entries:
         entries["host"] = entries.pop("hostaddr")
     elif "hostaddr" in entries:
-        msg = "hostaddr together with host is not supported: give the address as host"
+        msg = (
+            f"connection string {mask_dsn(text)!r}: "
+            "hostaddr together with host is not supported; give the address as host"
+        )
         raise DSNError(msg)
     hosts = _split_list(entries.pop("host", None))
     ports = _split_list(entries.pop("port", None))
@@ -205,7 +210,7 @@ def parse_url(dsn: str | sa.URL) -> sa.URL:
         raise TypeError(msg)
     text = given.strip()
     if not text:
-        msg = f"empty DSN: {EXPECTED}"
+        msg = f"empty DSN {given!r}: {EXPECTED}"
         raise DSNError(msg)
     if "=" in text and not _SCHEME.match(text):
         return _conninfo_to_url(text)

@@ -222,7 +222,6 @@ class _HotSpot:
     """
 
     __slots__ = (
-        "__weakref__",
         "delays",
         "limit",
         "notify",
@@ -231,11 +230,11 @@ class _HotSpot:
         "running",
         "uniform",
         "waiters",
-        "waking",
+        "waking_at",
     )
 
-    def __init__(self, notify: typing.Callable[[int], None], *, uniform: Uniform = random.uniform) -> None:
-        self.notify = notify  # +1 when engaged, -1 when released: the decorator's cheap "is it hot?" count
+    def __init__(self, notify: typing.Callable[[bool], None], *, uniform: Uniform = random.uniform) -> None:
+        self.notify = notify  # True when engaged, False when released (called in the spot's loop)
         self.uniform = uniform
         self.limit = math.inf
         self.running = 0
@@ -243,11 +242,9 @@ class _HotSpot:
         self.delays = (0.005, 0.1)  # base and cap of the pauses: the conflict waits of the latest retry
         self.pause = 0.0  # ceiling of the current pause
         self.resume_at = 0.0  # loop time before which no turn starts
-        self.waking: asyncio.TimerHandle | None = None
-
-    def __del__(self) -> None:
-        if self.engaged:  # its event loop is gone while the function was hot there
-            self.notify(-1)
+        # When a timer will wake the waiters after a pause. Not the timer itself: a handle references its
+        # loop, and the loop is the key of this spot in a WeakKeyDictionary, which would then never let go.
+        self.waking_at: float | None = None
 
     @property
     def engaged(self) -> bool:
@@ -278,7 +275,7 @@ class _HotSpot:
 
     def _conflicted(self) -> None:
         if not self.engaged:
-            self.notify(1)
+            self.notify(True)  # noqa: FBT003 - a callback's one argument
         elif self.limit <= 1 and self.running == 1:  # it ran alone here and still lost: the rival is elsewhere
             base, cap = self.delays
             self.pause = min(cap, max(base, self.pause * 2))
@@ -294,7 +291,7 @@ class _HotSpot:
         if self.limit > self.running + len(self.waiters) + 1:  # the limit no longer holds anyone back
             self.limit = math.inf
             self.pause = 0.0
-            self.notify(-1)
+            self.notify(False)  # noqa: FBT003 - a callback's one argument
 
     async def _acquire(self, patience: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -324,10 +321,9 @@ class _HotSpot:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if now < self.resume_at:
-            if self.waking is None or self.waking.when() != self.resume_at:
-                if self.waking is not None:
-                    self.waking.cancel()
-                self.waking = loop.call_at(self.resume_at, self._wake)
+            if self.waking_at != self.resume_at:  # a timer set for an earlier time fires with nothing to do
+                self.waking_at = self.resume_at
+                loop.call_at(self.resume_at, self._resume)
             return
         while self.waiters and self.running + 1 <= self.limit:
             oldest = now - self.waiters[0][0] >= _FAIR_AFTER
@@ -335,6 +331,10 @@ class _HotSpot:
             if not waiter.done():
                 waiter.set_result(True)
                 self.running += 1
+
+    def _resume(self) -> None:
+        self.waking_at = None  # a timer fired: the next pause sets a new one (a timer may fire a hair early)
+        self._wake()
 
 
 def _give_up_waiting(waiter: asyncio.Future[bool]) -> None:
@@ -374,11 +374,15 @@ class _Policy:
     retry_ambiguous_commit: bool
     on_retry: typing.Callable[[RetryEvent], object] | None
     sleep: Sleep | None
-    count_hot: typing.Callable[[int], None]  # the decorator's count of loops where the function is a hot spot
     # One hot-spot state per event loop the function runs in: lives as long as the decorated function and the loop.
     spots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HotSpot] = dataclasses.field(
         default_factory=weakref.WeakKeyDictionary
     )
+    # The loops where the function is a hot spot, by id: the decorator's "is it hot?" check is this dict's truth.
+    # Weak references without callbacks; an entry whose loop ended while engaged is dropped by ``run_hot``.
+    engaged: dict[int, weakref.ref[asyncio.AbstractEventLoop]] = dataclasses.field(default_factory=dict)
+    # Guards ``spots`` and ``engaged``. Never taken from a finalizer or a weakref callback: a collection
+    # that ran one while this thread held the lock would deadlock.
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def hot_spot(self) -> _HotSpot:
@@ -387,17 +391,31 @@ class _Policy:
         with self.lock:
             spot = self.spots.get(loop)
             if spot is None:
-                spot = self.spots[loop] = _HotSpot(self._count_hot)
+                spot = self.spots[loop] = _HotSpot(self._mark_engaged)
         return spot
 
-    def _count_hot(self, delta: int) -> None:
+    def _mark_engaged(self, engaged: bool) -> None:  # noqa: FBT001 - the hot spot's callback
+        """The function became (or stopped being) a hot spot in the running loop."""
+        loop = asyncio.get_running_loop()
         with self.lock:
-            self.count_hot(delta)
+            if engaged:
+                self.engaged[id(loop)] = weakref.ref(loop)
+            else:
+                self.engaged.pop(id(loop), None)
+
+    def _forget_ended_loops(self) -> None:
+        """Drop the loops that were closed or collected while the function was a hot spot there."""
+        with self.lock:
+            for key, ref in list(self.engaged.items()):
+                loop = ref()
+                if loop is None or loop.is_closed():
+                    del self.engaged[key]
 
     async def run_hot(
         self, call: typing.Callable[[], typing.Awaitable[_T]], args: tuple[object, ...], kwargs: dict[str, object]
     ) -> _T:
         """A first attempt while the function is a hot spot in some loop: take a turn if it is one in this loop."""
+        self._forget_ended_loops()
         spot = self.hot_spot()
         try:
             if not spot.engaged:
@@ -631,14 +649,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             raise TypeError(msg)
         if resolve_commit:
             f = resolving_commits(f)
-        hot = 0  # event loops in which this function is a hot spot right now
-
-        def count_hot(delta: int) -> None:
-            nonlocal hot
-            hot += delta
-
         policy = _Policy(
-            count_hot=count_hot,
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,
@@ -648,10 +659,11 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             on_retry=on_retry,
             sleep=sleep,
         )
+        hot = policy.engaged  # the event loops in which this function is a hot spot right now
 
         @functools.wraps(f)
         async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if hot:  # a hot spot in some event loop (a closure cell: cheap); turns are per loop
+            if hot:  # a hot spot in some event loop (a dict in a closure cell: cheap); turns are per loop
                 return await policy.run_hot(functools.partial(f, *args, **kwargs), args, kwargs)
             try:
                 return await f(*args, **kwargs)

@@ -100,26 +100,36 @@ def test_host_port_renders_ipv6_in_brackets() -> None:
         ),
         ("postgresql://u:s3cret@h1:1,h2:x/x", "bad port 'x'"),
         ("postgresql://u:p@[s3cret@h:5/x", "malformed host '***@h:5'"),
-        ("not a dsn", "malformed DSN"),
+        ("not a dsn", "malformed DSN 'not a dsn' (no scheme such as postgresql://)"),
         ("postgresql://u:s3cret@/x?host=h1:0&host=h2", "bad port '0'"),
         ("postgresql://u:s3cret@h1:99999/x", "bad port '99999'"),
         ("postgresql://u:s3cret@/x?host=h1:x1&host=h2", "bad port 'x1'"),
         ("postgresql://u:s3cret@/x?host=h1&host=h2&port=1,2,3", "2 hosts (h1, h2) but 3 ports (1, 2, 3) in the DSN"),
         ("http://u:s3cret@h/x", "malformed DSN 'http://u:***@h/x': http:// is not PostgreSQL"),
         ("mysql://u@h/x", "mysql:// is not PostgreSQL; expected postgresql://"),
-        ("", "empty DSN"),
+        ("", "empty DSN ''"),
         ("host=h port=1,2", "1 hosts (h) but 2 ports (1, 2)"),
         ("host=h port=abc password=s3cret", "bad port 'abc'"),
         ("host=h password=my s3cret", "expected key=value after password=..."),
-        ("my s3cret", "malformed DSN (no scheme such as postgresql://)"),
-        ("my s3cret x=1", "expected key=value at the start"),
-        ("postgresql:/u:s3cret@h/x", "malformed DSN ('//' must follow postgresql:)"),
-        ("postgresql//u:s3cret@h/x", "malformed DSN (':' must follow the scheme postgresql)"),
-        ("postgresql://u:s3cret@h:1:2/x", "malformed DSN (SQLAlchemy cannot read it)"),
+        ("u:s3cret@h", "malformed DSN 'u:***@h' ('//' must follow u:)"),
+        ("not a dsn x=1", "malformed connection string 'not a dsn x=1': expected key=value at the start"),
+        ("not a dsn password=s3cret", "malformed connection string 'not a dsn password=***': expected key=value at"),
+        ("postgresql:/u:s3cret@h/x", "malformed DSN 'postgresql:/u:***@h/x' ('//' must follow postgresql:)"),
+        ("postgresql//u:s3cret@h/x", "malformed DSN 'postgresql//u:***@h/x' (':' must follow the scheme postgresql)"),
+        ("postgresql://u:s3cret@h:1:2/x", "malformed DSN 'postgresql://u:***@h:1:2/x' (SQLAlchemy cannot read it)"),
         ("postgresql://u:p@s3cret@h/x", "malformed host '***@h' in the DSN: a password holding '@' must be"),
-        ("host=h password='s3cret", "the quoted value of password has no closing quote"),
-        ("host=h password='s3'cret", "expected key=value after host=..."),
-        ("host=h hostaddr=127.0.0.1 password=s3cret", "hostaddr together with host is not supported"),
+        (
+            "host=h password='s3cret",
+            "malformed connection string 'host=h password=***': the quoted value of password has no closing quote",
+        ),
+        (
+            "host=h password='s3'cret",
+            "malformed connection string 'host=h password=***': expected key=value after host",
+        ),
+        (
+            "host=h hostaddr=127.0.0.1 password=s3cret",
+            "connection string 'host=h hostaddr=127.0.0.1 password=***': hostaddr together with host is not supported",
+        ),
         ("postgresql://u:s3cret@/x?host=h1:1&host=h2:2&port=1,3", "host 'h2:2' has port 2 but port= gives 3"),
         ("postgresql://u:s3cret@/x?host=[::1&host=h", "malformed host '[::1'"),
         ("postgresql://u:s3cret@/x?host=[::1]x&host=h", "malformed host"),
@@ -130,10 +140,35 @@ def test_malformed_input_names_the_bad_part_without_the_password(dsn: str, messa
     with pytest.raises(DSNError, match=re.escape(message)) as caught:
         is_dsn_multihost(dsn)
     assert "s3cret" not in str(caught.value)
+    assert "cret" not in str(caught.value)  # nor a part of it (what follows a badly quoted one)
     assert "%3A" not in str(caught.value)  # nothing echoed percent-encoded
     assert isinstance(caught.value, ValueError)
     assert caught.value.__cause__ is None
     assert caught.value.__context__ is None  # SQLAlchemy's error (which may quote the input) is not chained
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("not a dsn", "'not a dsn'"),
+        ("user:s3cret@host", "'user:***@host'"),
+        ("not a dsn password=s3cret", "'not a dsn password=***'"),
+        ("host=db password='s3cret' port=5 'x'", repr("host=db password=*** port=5 'x'")),
+        ("   ", "'   '"),
+    ],
+)
+def test_build_db_dsn_shows_the_malformed_input_with_its_password_masked(dsn: str, shown: str) -> None:
+    with pytest.raises(DSNError) as caught:
+        build_db_dsn(dsn, "orders")
+    assert shown in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_bare_word_is_shown_as_given_since_nothing_marks_it_as_a_password() -> None:
+    # mask_dsn masks what a DSN marks as a password (user-info, password=, sslpassword=); a bare word cannot be
+    # told from a typo such as "not a dsn", so a password given alone in place of a DSN is shown (README: DSNs).
+    with pytest.raises(DSNError, match=re.escape("malformed DSN 'my s3cret' (no scheme such as postgresql://)")):
+        build_db_dsn("my s3cret", "orders")
 
 
 def test_a_non_string_is_a_type_error() -> None:
@@ -257,6 +292,7 @@ def test_mask_dsn() -> None:
     assert mask_dsn("host=h password='s 3' sslpassword=x dbname=d") == "host=h password=*** sslpassword=*** dbname=d"
     assert mask_dsn("postgresql://u@h/x?passfile=/p") == "postgresql://u@h/x?passfile=/p"  # a path, not a secret
     assert mask_dsn("host=h user=u") == "host=h user=u"
+    assert mask_dsn("host=h password='s3'cret x=1") == "host=h password=*** x=1"  # what touches the quote too
     assert "s3cret" not in mask_dsn(sa.make_url("postgresql://u:s3cret@h/x"))
     assert "s3cret" not in mask_dsn(sa.make_url("postgresql://u@h/x?password=s3cret"))
     assert "s3cret" not in mask_dsn(sa.make_url("postgresql://u@h/x?sslpassword=s3cret"))

@@ -9,6 +9,7 @@ import random
 import threading
 import typing
 import warnings
+import weakref
 
 import asyncpg
 import pytest
@@ -469,8 +470,8 @@ async def test_conflicts_count_as_attempts_unless_a_conflict_time_budget_is_set(
 
 def _spot(
     uniform: collections.abc.Callable[[float, float], float] = lambda _, high: high,
-) -> "tuple[retry_module._HotSpot, list[int]]":
-    notified: list[int] = []
+) -> "tuple[retry_module._HotSpot, list[bool]]":
+    notified: list[bool] = []
     return retry_module._HotSpot(notified.append, uniform=uniform), notified
 
 
@@ -489,13 +490,13 @@ async def test_a_hot_spot_engages_on_a_repeated_conflict_and_is_released_when_th
     assert notified == []
     await _conflict_in(spot)  # a retry that conflicted again: engaged
     assert spot.limit == 1
-    assert notified == [1]
+    assert notified == [True]
     successes = 0
     while spot.engaged:  # alone: released once the limit leaves a turn to spare
         async with spot.turn(patience=1.0, retry=False):
             successes += 1
     assert 10 < successes < 20
-    assert notified == [1, -1]
+    assert notified == [True, False]
     with pytest.raises(ValueError, match="bug"):
         async with spot.turn(patience=1.0, retry=True):
             raise ValueError("bug")  # other errors say nothing about contention
@@ -526,7 +527,7 @@ async def test_the_limit_halves_on_conflicts_and_climbs_by_a_fraction_per_succes
         gate.set()
     await asyncio.gather(*running, return_exceptions=True)
     assert not spot.engaged  # the last ones ran with turns to spare
-    assert notified == [-1]
+    assert notified == [False]
 
 
 async def test_waiters_go_newest_first_unless_one_waited_past_the_fairness_bound(
@@ -632,16 +633,113 @@ async def test_a_waiter_cancelled_just_before_turns_are_handed_out_is_skipped() 
     assert spot.running == 0
 
 
-async def test_a_hot_spot_dropped_with_its_loop_releases_the_function() -> None:
-    spot, notified = _spot()
-    await _conflict_in(spot)
-    del spot
+def _hot_in_each_loop() -> tuple[
+    collections.abc.Callable[[int, int], collections.abc.Coroutine[typing.Any, typing.Any, None]],
+    "retry_module._Policy",
+]:
+    """A function and its policy; ``work(n, run)`` conflicts ``n`` times: 3 leave it a hot spot with a pause."""
+    attempts: collections.Counter[int] = collections.Counter()
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work(conflicts: int, run: int) -> None:
+        attempts[run] += 1
+        if attempts[run] <= conflicts:
+            # The 2nd conflict (a retry's) engages the hot spot; the 3rd, alone at a limit of 1, pauses its turns,
+            # so the last attempt waits for a timer. The success leaves it engaged (the limit still binds).
+            raise _Coded("40001")
+
+    return work, inspect.getclosurevars(work).nonlocals["policy"]
+
+
+def _collect() -> None:
     with warnings.catch_warnings():
         # Only this test's objects matter here; an unclosed connection another test's failed connect left
         # to the collector (SQLAlchemy 2.0 drops them unclosed) must not be blamed on it.
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
-    assert notified == [1, -1]
+
+
+def test_event_loops_where_the_function_was_a_hot_spot_are_not_kept_and_the_fast_path_comes_back() -> None:
+    work, policy = _hot_in_each_loop()
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    paused: list[bool] = []
+
+    async def hot(run: int) -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await work(3, run)
+        spot = policy.hot_spot()
+        paused.append(spot.engaged and spot.pause > 0)
+
+    for run in range(50):
+        asyncio.run(hot(run))
+    assert paused == [True] * 50
+    _collect()
+    assert [loop for loop in (ref() for ref in loops) if loop is not None] == []
+    assert policy.engaged  # loops that ended while hot: the next call that sees them drops them
+    asyncio.run(work(0, 0))
+    assert policy.engaged == {}  # nothing hot any more: calls take the bare success path again
+
+
+def test_a_closed_loop_is_forgotten_and_a_live_hot_loop_is_kept() -> None:
+    work, policy = _hot_in_each_loop()
+    live, closed = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        live.run_until_complete(work(3, 1))
+        closed.run_until_complete(work(3, 2))
+        closed.close()  # still referenced here, but it can never run the function again
+        assert set(policy.engaged) == {id(live), id(closed)}
+        asyncio.run(work(0, 0))
+        assert set(policy.engaged) == {id(live)}  # still hot there
+    finally:
+        live.close()
+
+
+def test_a_function_that_cools_down_in_a_loop_is_no_longer_hot_there() -> None:
+    work, policy = _hot_in_each_loop()
+
+    async def cool_down() -> int:
+        await work(2, 0)
+        assert set(policy.engaged) == {id(asyncio.get_running_loop())}
+        calls = 0
+        while policy.engaged and calls < 100:
+            await work(0, 0)
+            calls += 1
+        return calls
+
+    assert 0 < asyncio.run(cool_down()) < 20  # each success raises the limit; once it binds nobody, it is lifted
+
+
+class _ReentryProbe:
+    """Stands in for the policy's lock: counts acquisitions by the thread already holding it (a deadlock there)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.depth = 0
+        self.reentered = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.depth += 1
+        self.reentered += self.depth > 1
+
+    def __exit__(self, *_: object) -> None:
+        self.depth -= 1
+        self.lock.release()
+
+
+def test_collecting_a_hot_spot_whose_loop_ended_never_takes_the_lock() -> None:
+    work, policy = _hot_in_each_loop()
+    probe = _ReentryProbe()
+    object.__setattr__(policy, "lock", probe)  # a frozen dataclass: the probe replaces its threading.Lock
+    gc.disable()  # the loop and its spot go away in the collection below, while this thread holds the lock
+    try:
+        asyncio.run(work(2, 0))  # a hot spot, engaged when its loop ends
+        with probe:
+            _collect()
+    finally:
+        gc.enable()
+    assert probe.reentered == 0
+    assert not hasattr(retry_module._HotSpot, "__del__")  # nothing runs when a hot spot is collected
 
 
 async def test_waits_depend_on_the_kind_of_failure() -> None:
