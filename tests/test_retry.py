@@ -640,7 +640,7 @@ def _hot_in_each_loop() -> tuple[
     """A function and its policy; ``work(n, run)`` conflicts ``n`` times: 3 leave it a hot spot with a pause."""
     attempts: collections.Counter[int] = collections.Counter()
 
-    @postgres_retry(sleep=_no_sleep)
+    @postgres_retry(retries=4, sleep=_no_sleep)  # 3 conflicts and the success
     async def work(conflicts: int, run: int) -> None:
         attempts[run] += 1
         if attempts[run] <= conflicts:
