@@ -42,10 +42,11 @@ import weakref
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine.interfaces import ExceptionContext
+from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 
+from db_retry.liveness import Wire, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
     LOST_CONNECTION_SQLSTATES,
@@ -55,6 +56,7 @@ from db_retry.retriable import (
     leaves_connection_unusable,
     sqlstate_on_chain,
 )
+from db_retry.settings import get_settings
 
 
 logger = logging.getLogger("db_retry.engine")
@@ -76,6 +78,25 @@ _NOTIFIES: typing.Final = re.compile(r"notify", re.IGNORECASE)
 _PROBE: typing.Final = "SELECT 1"
 # Set by ``postgres_retry(resolve_commit=True)`` around the calls of its function.
 resolve_commits: contextvars.ContextVar[bool] = contextvars.ContextVar("db_retry_resolve_commits", default=False)
+
+
+@dataclasses.dataclass(slots=True)
+class CallDeadline:
+    """The deadline of one ``postgres_retry(deadline=...)`` call, as the listeners see it."""
+
+    at: float  # event-loop time when the call's budget ends
+    commit_cut: bool = False  # the caller's cancellation struck while COMMIT was in flight
+
+
+# Set by ``postgres_retry(deadline=...)`` around the calls of its function.
+call_deadline: contextvars.ContextVar[CallDeadline | None] = contextvars.ContextVar("db_retry_deadline", default=None)
+# The server stops a statement (or a lock wait) the client has given up on: the time left, per transaction,
+# in the placeholder style of each driver's DBAPI (asyncpg's adapter, psycopg).
+_SERVER_LIMITS: typing.Final = {
+    style: f"SELECT pg_catalog.set_config('statement_timeout', {mark}, true), "
+    f"pg_catalog.set_config('lock_timeout', {mark}, true)"
+    for style, mark in (("numeric_dollar", "$1"), ("pyformat", "%(ms)s"))
+}
 
 _P = typing.ParamSpec("_P")
 _T = typing.TypeVar("_T")
@@ -176,6 +197,9 @@ class Phase(enum.Enum):
     RESOLVING = "resolving"  # the answer to COMMIT was lost; the server is being asked
 
 
+_COMMIT_PHASES: typing.Final = frozenset({Phase.COMMITTING, Phase.RESOLVING})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServerIdentity:
     """Which server incarnation answered: any change means an id may name another transaction now."""
@@ -205,6 +229,8 @@ class ConnectionState:
     verdict: Verdict | None = None  # the server's word on this connection's lost COMMIT
     failed_in: "weakref.ref[sa.RootTransaction | sa.NestedTransaction] | None" = None  # aborted by a server error
     pool: "weakref.ref[sa.pool.Pool] | None" = None  # the engine's pool at the last COMMIT: resolution connects there
+    wire: Wire | None = None  # the TCP socket, as the liveness watchdog sees it (None: not TCP)
+    read_only_at_begin: bool | None = None  # what the node said of itself when the transaction began
 
 
 def state_of(info: dict[typing.Any, typing.Any]) -> ConnectionState:
@@ -232,10 +258,13 @@ def _on_connect(
     dbapi_connection: typing.Any,  # noqa: ANN401 - any driver's connection
     record: sa.pool.ConnectionPoolEntry,
 ) -> None:
-    """A new connection: fresh state, and one round trip that proves a server answers behind it."""
-    record.info[STATE] = ConnectionState()
+    """A new connection: keepalives, fresh state, and one round trip that proves a server answers behind it."""
+    state = record.info[STATE] = ConnectionState()
     try:
+        state.wire = tune_socket(dbapi_connection, get_settings())
+        _waiting(state)
         _probe(dbapi_connection)
+        _answered(state)
     except Exception as exc:
         _discard(dbapi_connection)  # SQLAlchemy drops a record whose connect event failed without closing it
         raise ServerNotAnsweringError(_PROBE, None, exc, hide_parameters=True) from exc
@@ -276,6 +305,26 @@ def _discard(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver
         logger.debug("closing a connection that failed its first query failed too", exc_info=True)
 
 
+def _waiting(state: ConnectionState) -> None:
+    if state.wire is not None:
+        state.wire.waiting()
+
+
+def _answered(state: ConnectionState) -> None:
+    if state.wire is not None:
+        state.wire.answered()
+
+
+@event.listens_for(sa.engine.Engine, "before_cursor_execute")
+def _before_execute(connection: sa.Connection, *_: object) -> None:
+    _waiting(state_of(connection.info))
+
+
+@event.listens_for(sa.engine.Engine, "after_cursor_execute")
+def _after_execute(connection: sa.Connection, *_: object) -> None:
+    _answered(state_of(connection.info))
+
+
 def _wants_resolution(connection: sa.Connection) -> bool:
     return resolve_commits.get() or bool(connection.get_execution_options().get(RESOLVE_OPTION))
 
@@ -288,8 +337,30 @@ def _on_begin(connection: sa.Connection) -> None:
     state.phase = Phase.IN_TRANSACTION
     state.notified = False
     state.failed_in = None
+    state.read_only_at_begin = _node_reports_read_only(connection)
+    _install(connection.engine.dialect)
     if _wants_resolution(connection):
         _install_resolution(connection.engine)
+    deadline = call_deadline.get()
+    if deadline is not None:
+        _limit_server_time(connection, deadline)
+
+
+def _limit_server_time(connection: sa.Connection, deadline: CallDeadline) -> None:
+    """The time left of the call becomes the transaction's ``statement_timeout`` and ``lock_timeout``.
+
+    One round trip, inside the transaction (a constant statement: prepared once per connection).
+    """
+    statement = _SERVER_LIMITS.get(connection.dialect.paramstyle)
+    if statement is None:  # pragma: no cover - another driver's placeholder style
+        return
+    left = f"{max(1, int((deadline.at - asyncio.get_running_loop().time()) * 1000))}ms"
+    parameters: typing.Any = (left,) if connection.dialect.positional else {"ms": left}
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(statement, parameters)
+    finally:
+        cursor.close()
 
 
 @event.listens_for(sa.engine.Engine, "commit")
@@ -299,6 +370,7 @@ def _on_commit(connection: sa.Connection) -> None:
     state.phase = Phase.COMMITTING
     state.verdict = None
     state.resolve = _wants_resolution(connection)
+    _install(connection.engine.dialect)
     if state.resolve:
         state.pool = weakref.ref(connection.engine.pool)  # the current one: engine.dispose() replaces it
         _install_resolution(connection.engine)
@@ -327,6 +399,13 @@ def _note_notify(
 def _on_error(context: ExceptionContext) -> BaseException | None:
     connection = context.connection
     error = context.original_exception
+    if connection is not None and not connection.invalidated:
+        state = state_of(connection.info)
+        _answered(state)
+        if not isinstance(error, Exception) and state.phase in _COMMIT_PHASES and context.statement is None:
+            deadline = call_deadline.get()
+            if deadline is not None:  # the call's deadline (or another cancellation) struck during COMMIT
+                deadline.commit_cut = True
     if not isinstance(error, Exception):
         return None  # the caller's own cancellation: SQLAlchemy invalidates the connection it interrupted
     if connection is None:
@@ -336,7 +415,7 @@ def _on_error(context: ExceptionContext) -> BaseException | None:
         return None  # ... and its ``info`` would try to reconnect
     state = state_of(connection.info)
     # SQLAlchemy passes no statement for COMMIT (nor for BEGIN/ROLLBACK, whose events move the phase on).
-    if state.phase is Phase.COMMITTING and context.statement is None:
+    if state.phase in _COMMIT_PHASES and context.statement is None:
         state.phase = Phase.IDLE
         return _commit_failed(context, state, error)
     return _statement_failed(context, connection, state, error)
@@ -397,7 +476,7 @@ def _statement_failed(
         _mark(context, ErrorKind.OUTAGE)  # the statement was never sent; another connection will do
         return None
     if _is_node_role_error(code, error):
-        _node_role_failed(context, connection)
+        _node_role_failed(context, connection, state)
         return None
     lost = context.is_disconnect or code in LOST_CONNECTION_SQLSTATES or classify(error) is ErrorKind.AMBIGUOUS
     if lost and _autocommit(connection) and not _node_reports_read_only(connection):
@@ -416,14 +495,16 @@ def _autocommit(connection: sa.Connection) -> bool:
     return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
 
 
-def _node_role_failed(context: ExceptionContext, connection: sa.Connection) -> None:
-    read_only = _node_reports_read_only(connection)
-    if read_only is False:
-        # The node takes writes: the caller's own READ ONLY transaction refused the write. Not transient.
+def _node_role_failed(context: ExceptionContext, connection: sa.Connection, state: ConnectionState) -> None:
+    now = _node_reports_read_only(connection)
+    if now is False and state.read_only_at_begin is False:
+        # The node took writes when the transaction began and still does: the caller's own READ ONLY
+        # transaction refused the write. Not transient. (A node that was read-only at BEGIN and is
+        # writable now was demoted and came back: that is the node's doing, retried below.)
         _mark(context, None)
         return
     context.is_disconnect = True  # invalidates this connection and refreshes the pool
-    if read_only:
+    if now or state.read_only_at_begin:
         # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
         # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
         _mark(context, ErrorKind.UNAVAILABLE)
@@ -478,13 +559,45 @@ class _NotYet(Exception):  # noqa: N818 - a signal inside the resolution loop, n
         super().__init__(f"{what} ({type(error).__name__})" if error is not None else what)
 
 
+def _install(dialect: Dialect) -> None:
+    """Wrap this engine's ``do_commit`` and ``do_rollback`` (once per dialect instance, so per engine).
+
+    SQLAlchemy has no event around the DBAPI commit and rollback: the wrappers tell the liveness
+    watchdog that the connection waits for the server, and resolve a lost COMMIT when asked to.
+    """
+    if getattr(dialect, "_db_retry_installed", False):
+        return
+    dialect.do_commit = functools.partial(_do_commit, dialect.do_commit)  # type: ignore[method-assign]
+    dialect.do_rollback = functools.partial(_do_rollback, dialect.do_rollback)  # type: ignore[method-assign]
+    dialect._db_retry_installed = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own marker
+
+
+def _do_rollback(original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection) -> None:
+    state = state_of(connection.info)
+    _waiting(state)
+    try:
+        original(connection)
+    finally:
+        _answered(state)
+
+
+def _do_commit(original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection) -> None:
+    state = state_of(connection.info)
+    if state.resolve:
+        _resolving_do_commit(original, connection, state)
+        return
+    _waiting(state)
+    try:
+        original(connection)
+    finally:
+        _answered(state)
+
+
 def _install_resolution(engine: sa.Engine) -> None:
-    """Give this engine a ``do_commit`` that can resolve a lost COMMIT, and notice NOTIFY (once per engine)."""
+    """Notice statements that may queue a notification on an engine that resolves commits (once per engine)."""
     dialect = engine.dialect
     if getattr(dialect, "_db_retry_resolving", False):
         return
-    original = dialect.do_commit
-    dialect.do_commit = functools.partial(_resolving_do_commit, original)  # type: ignore[method-assign]
     dialect._db_retry_resolving = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own marker
     event.listen(engine, "before_cursor_execute", _note_notify)
 
@@ -500,7 +613,7 @@ def _fetch_row(connection: PoolProxiedConnection, query: str) -> tuple[typing.An
 
 
 def _resolving_do_commit(
-    original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection
+    original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection, state: ConnectionState
 ) -> None:
     """COMMIT; if its answer is lost, ask the server whether the transaction committed.
 
@@ -511,10 +624,6 @@ def _resolving_do_commit(
     the commit returns. Aborted, never written, or unknown to the server: not applied. Anything else:
     unknown.
     """
-    state = state_of(connection.info)
-    if not state.resolve:
-        original(connection)
-        return
     state.resolve = False
     xid_column = _XID_FORCED if state.notified else _XID
     try:
@@ -529,9 +638,11 @@ def _resolving_do_commit(
     except Exception:
         state.verdict = Verdict(applied=False, reason="COMMIT was never sent")
         raise
+    _waiting(state)
     try:
         original(connection)
     except Exception as exc:
+        _answered(state)
         if command_not_sent(exc) or (classify(exc) not in LOST_AT_COMMIT and not isinstance(exc, TimeoutError)):
             raise  # refused by the server, or never sent: no need to ask (``_commit_failed`` tells which)
         state.phase = Phase.RESOLVING
@@ -543,6 +654,8 @@ def _resolving_do_commit(
             return
         state.verdict = verdict
         raise
+    finally:
+        _answered(state)
 
 
 def _ask_the_server(state: ConnectionState, identity: ServerIdentity, xid: str | None) -> Verdict:
@@ -551,8 +664,6 @@ def _ask_the_server(state: ConnectionState, identity: ServerIdentity, xid: str |
     pool = state.pool() if state.pool is not None else None
     if pool is None:  # pragma: no cover - the engine was garbage-collected during its own COMMIT
         return Verdict(applied=None, reason="the engine is gone")
-    from db_retry.settings import get_settings  # noqa: PLC0415 - settings import this module's users
-
     settings = get_settings()
     return await_only(_resolve(pool, identity, str(xid), settings.outage_timeout, settings.outage_max_delay))
 

@@ -27,7 +27,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from db_retry.engine import resolving_commits
+from db_retry.engine import (
+    CallDeadline,
+    CommitOutcomeUnknownError,
+    call_deadline,
+    resolving_commits,
+)
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
 from db_retry.settings import RetrySettings, SettingsError, get_settings
 from db_retry.transaction import cannot_continue
@@ -592,6 +597,7 @@ def postgres_retry(
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
     resolve_commit: bool = False,
+    deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]]: ...
@@ -607,6 +613,7 @@ def postgres_retry(
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
     resolve_commit: bool = False,
+    deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> _Decorator: ...
@@ -621,25 +628,33 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
     resolve_commit: bool = False,
+    deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]] | _Decorator:
     """Retry an ``async def`` when PostgreSQL reports a transient failure.
 
-    ``retries`` is the total number of attempts that run the work, conflicts included (default:
-    ``DB_RETRY_RETRIES_NUMBER``, read at call time; when neither is set, conflicts are retried for
-    ``DB_RETRY_CONFLICT_TIMEOUT`` seconds instead). ``timeout`` bounds the time spent retrying one
-    call, from its first failure. A call is not retried inside a transaction its caller began that
-    can no longer continue (a session or connection argument): the error propagates with a note.
-    ``wait`` / ``stop`` replace the built-in tenacity strategies. ``retry_ambiguous_commit`` retries a
-    :class:`~db_retry.CommitOutcomeUnknownError` too: only for idempotent work. ``resolve_commit`` asks
-    the server whether a COMMIT whose answer was lost committed (one more round trip per write
-    transaction; :mod:`db_retry.engine`). ``on_retry`` is called
-    with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for tests).
+    ``retries`` is the total number of attempts that reached a server, conflicts included (default:
+    ``DB_RETRY_RETRIES_NUMBER``, read at call time, 3 as in 0.8.4; ``DB_RETRY_CONFLICT_TIMEOUT`` opts
+    in to retrying conflicts for a time instead). ``timeout`` bounds the time spent retrying one
+    call, from its first failure. ``deadline`` (default ``DB_RETRY_DEADLINE``, read when decorating)
+    bounds the whole call, attempts and waits included: an attempt still running when it passes is
+    cancelled and its connection aborted, each transaction gets the time left as its server-side
+    ``statement_timeout`` and ``lock_timeout``, and the caller gets :class:`TimeoutError`, or
+    :class:`~db_retry.CommitOutcomeUnknownError` if COMMIT was in flight. A call is not retried
+    inside a transaction its caller began that can no longer continue (a session or connection
+    argument): the error propagates with a note. ``wait`` / ``stop`` replace the built-in tenacity
+    strategies. ``retry_ambiguous_commit`` retries a :class:`~db_retry.CommitOutcomeUnknownError` too:
+    only for idempotent work. ``resolve_commit`` asks the server whether a COMMIT whose answer was lost
+    committed (one more round trip per write transaction; :mod:`db_retry.engine`). ``on_retry`` is
+    called with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for
+    tests).
     """
     check_number("retries", retries, minimum=1, inclusive=True, integer=True, allow_none=True)
     check_number("timeout", timeout, unit="seconds", allow_none=True)
-    get_settings()  # a bad DB_RETRY_* value fails here, at decoration, naming the variable and the value
+    check_number("deadline", deadline, unit="seconds", allow_none=True)
+    # A bad DB_RETRY_* value fails here, at decoration, naming the variable and the value.
+    budget = deadline if deadline is not None else get_settings().deadline
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],
@@ -659,23 +674,57 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
             on_retry=on_retry,
             sleep=sleep,
         )
-        hot = policy.engaged  # the event loops in which this function is a hot spot right now
-
-        @functools.wraps(f)
-        async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
-            if hot:  # a hot spot in some event loop (a dict in a closure cell: cheap); turns are per loop
-                return await policy.run_hot(functools.partial(f, *args, **kwargs), args, kwargs)
-            try:
-                return await f(*args, **kwargs)
-            except Exception as exc:
-                if policy.retried_kind(exc) is None:
-                    raise
-                first_error = exc
-            # Outside the ``except`` block, so later attempts' errors do not get the first one as context.
-            return await policy.run(first_error, functools.partial(f, *args, **kwargs), args, kwargs)
-
-        return retrying
+        if budget is not None:
+            return _with_deadline(_retrying(f, policy), budget)
+        return _retrying(f, policy)
 
     if func is not None:
         return decorator(func)
     return decorator
+
+
+def _retrying(
+    f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]], policy: _Policy
+) -> typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]]:
+    hot = policy.engaged  # the event loops in which this function is a hot spot right now
+
+    @functools.wraps(f)
+    async def retrying(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
+        if hot:  # a hot spot in some event loop (a dict in a closure cell: cheap); turns are per loop
+            return await policy.run_hot(functools.partial(f, *args, **kwargs), args, kwargs)
+        try:
+            return await f(*args, **kwargs)
+        except Exception as exc:
+            if policy.retried_kind(exc) is None:
+                raise
+            first_error = exc
+        # Outside the ``except`` block, so later attempts' errors do not get the first one as context.
+        return await policy.run(first_error, functools.partial(f, *args, **kwargs), args, kwargs)
+
+    return retrying
+
+
+def _with_deadline(
+    f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]], seconds: float
+) -> typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]]:
+    """``f`` bounded as a whole: past ``seconds`` the attempt running is cancelled (its connection aborted)."""
+
+    @functools.wraps(f)
+    async def bounded(*args: _Q.args, **kwargs: _Q.kwargs) -> _R:
+        loop = asyncio.get_running_loop()
+        call = CallDeadline(at=loop.time() + seconds)
+        token = call_deadline.set(call)
+        bound = asyncio.timeout(seconds)
+        try:
+            async with bound:
+                return await f(*args, **kwargs)
+        except TimeoutError as exc:
+            if bound.expired() and call.commit_cut:  # it struck while COMMIT was in flight
+                unknown = CommitOutcomeUnknownError("COMMIT", None, exc, hide_parameters=True)
+                unknown.add_note(f"db-retry: the deadline of {seconds:g}s passed while COMMIT was in flight")
+                raise unknown from exc
+            raise
+        finally:
+            call_deadline.reset(token)
+
+    return bounded

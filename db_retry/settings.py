@@ -66,6 +66,42 @@ class RetrySettings(BaseSettings):
         gt=0,
         description="Time budget of the retries of one call, from its first failure.",
     )
+    deadline: float | None = pydantic.Field(
+        validation_alias="DB_RETRY_DEADLINE",
+        default=None,
+        gt=0,
+        description="Bound of a whole call, attempts and waits included; each attempt runs under the time left.",
+    )
+    keepalive_idle: float = pydantic.Field(
+        validation_alias="DB_RETRY_KEEPALIVE_IDLE",
+        default=3.0,
+        ge=0,
+        description="TCP keepalive: seconds of silence before the first probe (0: keepalives and user timeout off).",
+    )
+    keepalive_interval: float = pydantic.Field(
+        validation_alias="DB_RETRY_KEEPALIVE_INTERVAL", default=1.0, gt=0, description="Seconds between probes."
+    )
+    keepalive_count: int = pydantic.Field(
+        validation_alias="DB_RETRY_KEEPALIVE_COUNT", default=3, ge=1, description="Unanswered probes before failing."
+    )
+    tcp_user_timeout: float = pydantic.Field(
+        validation_alias="DB_RETRY_TCP_USER_TIMEOUT",
+        default=6.0,
+        ge=0,
+        description="Seconds sent data may stay unacknowledged before the kernel fails the connection (0: off).",
+    )
+    probe_after: float = pydantic.Field(
+        validation_alias="DB_RETRY_PROBE_AFTER",
+        default=4.0,
+        ge=0,
+        description="A wait for the server this long makes the watchdog probe that server (0: no watchdog).",
+    )
+    probe_timeout: float = pydantic.Field(
+        validation_alias="DB_RETRY_PROBE_TIMEOUT",
+        default=2.0,
+        gt=0,
+        description="A server whose probe is not answered this fast is silent: its waiting connections are cut.",
+    )
 
 
 def _variables(field: str) -> tuple[str, ...]:

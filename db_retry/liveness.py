@@ -1,0 +1,200 @@
+"""Liveness: a silent peer never holds a connection for ever.
+
+Two kinds of silence, two defences, both on by default and both settings (``DB_RETRY_KEEPALIVE_*``,
+``DB_RETRY_TCP_USER_TIMEOUT``, ``DB_RETRY_PROBE_*``):
+
+- **The peer's kernel is gone** (a partition, a host or VM frozen whole): nothing acknowledges
+  anything. Every new connection gets TCP keepalives and ``TCP_USER_TIMEOUT`` (:func:`tune_socket`,
+  called by the pool's ``connect`` event in :mod:`db_retry.engine`), so the kernel fails it within
+  seconds whether it waits for an answer (keepalive probes go unanswered) or has data in flight that
+  is never acknowledged (the user timeout).
+- **The kernel answers but nothing above it does** (a hung proxy or load balancer, a stopped server
+  process): keepalives are acknowledged and never fire. A :class:`Watchdog` per event loop, started
+  only while a connection waits for the server, notices a wait older than ``probe_after``, probes that
+  connection's server on a separate TCP connection (PostgreSQL's 8-byte ``SSLRequest``, which any
+  server or pooler answers with one byte before authentication) and, if the probe gets no answer
+  within ``probe_timeout``, aborts the sockets of every connection waiting on that server. The waiting
+  call then fails as a lost connection: retried, or outcome-unknown if it was a COMMIT. A server that
+  answers its probe keeps its long queries. No thread is started; nothing runs at import.
+
+``architecture/liveness.md`` has the reasons and the measured detection times.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import os
+import socket
+import struct
+import time
+import typing
+import weakref
+
+
+if typing.TYPE_CHECKING:
+    from db_retry.settings import RetrySettings
+
+
+logger = logging.getLogger("db_retry.liveness")
+
+Peer: typing.TypeAlias = tuple[str, int]
+_SSL_REQUEST: typing.Final = struct.pack("!ii", 8, 80877103)
+_ANSWERS: typing.Final = frozenset(b"SNE")  # SSL yes, SSL no, an error: someone is there
+
+
+class Wire:
+    """One connection's socket as the watchdog sees it: where it goes, whether it waits, how to cut it at once."""
+
+    __slots__ = ("__weakref__", "abort", "peer", "waiting_since", "watchdog")
+
+    def __init__(self, peer: Peer, abort: typing.Callable[[], None], watchdog: "Watchdog | None") -> None:
+        self.peer = peer
+        self.abort = abort
+        self.watchdog = watchdog
+        self.waiting_since: float | None = None  # monotonic time the client began waiting for the server
+        if watchdog is not None:
+            watchdog.wires.add(self)
+
+    def waiting(self) -> None:
+        """The client sends something and waits for the answer (a statement, COMMIT, ROLLBACK)."""
+        self.waiting_since = time.monotonic()
+        if self.watchdog is not None and self.watchdog.task is None:
+            self.watchdog.start()
+
+    def answered(self) -> None:
+        self.waiting_since = None
+
+
+def _transport_of(driver: typing.Any) -> asyncio.Transport | None:  # noqa: ANN401 - any driver's connection
+    """Asyncpg's transport: no public accessor; the one place that reads ``Connection._transport``."""
+    transport = getattr(driver, "_transport", None)
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
+def tune_socket(dbapi_connection: typing.Any, settings: "RetrySettings") -> Wire | None:  # noqa: ANN401
+    """Set keepalives and the user timeout on a new connection's TCP socket; its :class:`Wire`, if TCP."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    transport = _transport_of(driver)
+    if transport is not None:  # asyncpg
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        _tune(sock, settings)
+        return Wire(_peer(sock.getpeername()), transport.abort, watchdog(settings))
+    pgconn = getattr(driver, "pgconn", None)
+    if pgconn is None:  # pragma: no cover - another driver: left as it is
+        return None
+    descriptor = pgconn.socket  # psycopg 3: libpq's socket; a duplicate of it is the same socket
+    with socket.socket(fileno=os.dup(descriptor)) as sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        _tune(sock, settings)
+        ends = (sock.getsockname(), sock.getpeername())
+    return Wire(_peer(ends[1]), functools.partial(_shutdown, descriptor, ends), watchdog(settings))
+
+
+def _shutdown(descriptor: int, ends: tuple[typing.Any, typing.Any]) -> None:
+    """Cut the socket both ways (a read waiting on it returns at once), if ``descriptor`` is still that socket."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(descriptor)) as sock:
+        if (sock.getsockname(), sock.getpeername()) == ends:  # the number may have been reused since
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _peer(address: typing.Any) -> Peer:  # noqa: ANN401 - what getpeername returns
+    return str(address[0]), int(address[1])
+
+
+def _tune(sock: socket.socket, settings: "RetrySettings") -> None:
+    if not settings.keepalive_idle:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(settings.keepalive_idle)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(settings.keepalive_interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepalive_count)
+    if settings.tcp_user_timeout:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(settings.tcp_user_timeout * 1000))
+
+
+async def probe(peer: Peer, timeout: float) -> bool:
+    """Whether something at ``peer`` answers PostgreSQL's first message within ``timeout`` seconds."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(*peer)
+            writer.write(_SSL_REQUEST)
+            await writer.drain()
+            answer = await reader.read(1)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.transport.abort()  # no goodbye: the peer may be the silent one
+    return bool(answer) and answer[0] in _ANSWERS
+
+
+class Watchdog:
+    """Per event loop: probes the servers of connections that wait too long, and cuts those that are silent.
+
+    It runs only while some connection waits; it holds its wires weakly and no strong reference to its
+    loop once it stops, so it keeps neither connections nor loops alive.
+    """
+
+    def __init__(self, settings: "RetrySettings") -> None:
+        self.probe_after = settings.probe_after
+        self.probe_timeout = settings.probe_timeout
+        self.wires: weakref.WeakSet[Wire] = weakref.WeakSet()
+        self.task: asyncio.Task[None] | None = None
+        self.alive: dict[Peer, float] = {}  # when each server last answered a probe
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="db-retry watchdog")
+
+    async def _run(self) -> None:
+        try:
+            while any(wire.waiting_since is not None for wire in self.wires):
+                await asyncio.sleep(self.probe_after / 2)
+                await self._check(time.monotonic())
+        finally:
+            self.task = None  # a finished task references its loop
+
+    async def _check(self, now: float) -> None:
+        stuck: dict[Peer, list[Wire]] = {}
+        for wire in list(self.wires):
+            since = wire.waiting_since
+            if since is not None and now - since >= self.probe_after:
+                stuck.setdefault(wire.peer, []).append(wire)
+        for peer, wires in stuck.items():
+            if now - self.alive.get(peer, -math.inf) < self.probe_after:
+                continue  # it answered a moment ago: its long queries go on
+            if await probe(peer, self.probe_timeout):
+                self.alive[peer] = time.monotonic()
+                continue
+            cut = [wire for wire in wires if wire.waiting_since is not None]
+            logger.warning(
+                "%s:%s did not answer a probe within %gs; cutting %d connection(s) waiting on it",
+                *peer,
+                self.probe_timeout,
+                len(cut),
+                extra={"db_retry_peer": f"{peer[0]}:{peer[1]}"},
+            )
+            for wire in cut:
+                wire.abort()
+
+
+_WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
+
+
+def watchdog(settings: "RetrySettings") -> Watchdog | None:
+    """The running loop's watchdog (made on first use); ``None`` outside an event loop or when turned off."""
+    if not settings.probe_after:
+        return None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - a sync engine: no loop to watch from
+        return None
+    found = _WATCHDOGS.get(loop)
+    if found is None or (found.probe_after, found.probe_timeout) != (settings.probe_after, settings.probe_timeout):
+        found = _WATCHDOGS[loop] = Watchdog(settings)
+    return found

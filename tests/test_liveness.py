@@ -1,0 +1,139 @@
+"""Silent peers: keepalives and a user timeout on every connection, and the watchdog for a silent server above TCP.
+
+The silence is real: the kit's proxy stops forwarding without a reset (``TcpProxy.hang()``: the kernel
+still acknowledges, so keepalives never fire, as behind a hung proxy or a stopped server process).
+"""
+
+import asyncio
+import os
+import socket
+import typing
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from db_retry import build_connection_factory, postgres_retry
+from db_retry.liveness import _transport_of, probe
+from db_retry.retriable import ErrorKind, classify
+from db_retry.testing import PostgresCluster
+from db_retry.testing.cluster import free_port
+from db_retry.testing.proxy import TcpProxy
+
+
+pytestmark = pytest.mark.standby
+
+DRIVERS: typing.Final = ("asyncpg", "psycopg")
+
+
+async def _socket_options(engine: AsyncEngine) -> tuple[int, int, int, int, int]:
+    async with engine.connect() as connection:
+        driver: typing.Any = (await connection.get_raw_connection()).driver_connection
+        transport = _transport_of(driver)
+        sock = (
+            transport.get_extra_info("socket")
+            if transport is not None
+            else socket.socket(fileno=os.dup(driver.pgconn.socket))
+        )
+        try:
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            )
+        finally:
+            if transport is None:
+                sock.close()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_every_connection_gets_keepalives_and_a_user_timeout(pg_cluster: PostgresCluster, driver: str) -> None:
+    primary = pg_cluster.primary
+    engines = [create_async_engine(primary.dsn(driver=driver))]  # a plain URL: the pool's connect event
+    if driver == "asyncpg":  # the multi-host factory makes asyncpg connections
+        url = primary.dsn(driver="asyncpg")
+        engines.append(create_async_engine(url, async_creator=build_connection_factory(url, timeout=2)))
+    try:
+        for engine in engines:
+            assert await _socket_options(engine) == (1, 3, 1, 3, 6000)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_keepalives_follow_the_settings_and_can_be_turned_off(
+    pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary = pg_cluster.primary
+    monkeypatch.setenv("DB_RETRY_KEEPALIVE_IDLE", "7")
+    monkeypatch.setenv("DB_RETRY_KEEPALIVE_INTERVAL", "2")
+    monkeypatch.setenv("DB_RETRY_KEEPALIVE_COUNT", "4")
+    monkeypatch.setenv("DB_RETRY_TCP_USER_TIMEOUT", "0")
+    engine = create_async_engine(primary.dsn(driver="asyncpg"))
+    try:
+        assert await _socket_options(engine) == (1, 7, 2, 4, 0)
+        await engine.dispose()
+        monkeypatch.setenv("DB_RETRY_KEEPALIVE_IDLE", "0")
+        assert (await _socket_options(engine))[0] == 0
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_query_on_a_server_gone_silent_is_cut_and_retried_elsewhere(
+    pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    # The proxy goes silent mid-query (no reset, the kernel still acknowledges). The watchdog probes the
+    # server, gets no answer, and cuts the waiting connection: the call fails as a lost connection and the
+    # retry runs on the healthy server, instead of hanging for as long as TCP lets it.
+    monkeypatch.setenv("DB_RETRY_PROBE_AFTER", "1")
+    monkeypatch.setenv("DB_RETRY_PROBE_TIMEOUT", "0.5")
+    primary = pg_cluster.primary
+    async with TcpProxy(primary.host, primary.port) as proxy:
+        silent = create_async_engine(sa.make_url(primary.dsn(driver=driver)).set(host=proxy.host, port=proxy.port))
+        healthy = create_async_engine(primary.dsn(driver=driver))
+        engines = [silent, healthy]
+        errors: list[BaseException] = []
+
+        @postgres_retry(on_retry=lambda event: errors.append(event.error))
+        async def work() -> int:
+            engine = engines[len(errors)]
+            async with engine.connect() as connection:
+                if engine is silent:
+                    asyncio.get_running_loop().call_later(0.3, proxy.hang)
+                return int((await connection.execute(sa.text("SELECT 7 FROM pg_sleep(2)"))).scalar_one())
+
+        try:
+            async with asyncio.timeout(30):  # without the watchdog: hung for good
+                assert await work() == 7
+        finally:
+            proxy.pass_through()
+            await silent.dispose()
+            await healthy.dispose()
+    assert len(errors) == 1
+    assert classify(errors[0]) is ErrorKind.OUTAGE
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_long_query_on_a_server_that_answers_its_probe_is_never_cut(
+    pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    monkeypatch.setenv("DB_RETRY_PROBE_AFTER", "0.4")
+    engine = create_async_engine(pg_cluster.primary.dsn(driver=driver))
+    try:
+        async with engine.connect() as connection:
+            slept = await connection.execute(sa.text("SELECT 'slept' FROM pg_sleep(2)"))
+            assert slept.scalar_one() == "slept"  # probed several times meanwhile: answered each time
+    finally:
+        await engine.dispose()
+
+
+async def test_a_probe_says_who_answers(pg_cluster: PostgresCluster) -> None:
+    primary = pg_cluster.primary
+    assert await probe((primary.host, primary.port), 2.0)
+    assert not await probe(("127.0.0.1", free_port()), 2.0)  # refused
+    async with TcpProxy(primary.host, primary.port) as proxy:
+        proxy.hang()
+        assert not await probe((proxy.host, proxy.port), 0.3)  # accepted, never answered
