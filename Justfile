@@ -35,6 +35,10 @@ test-lowest:
     "{{ lowest }}/bin/python" -m pip install -q -c "{{ lowest }}/constraints.txt" -e '.[dev]'
     "{{ lowest }}/bin/pytest" -q --ignore-glob='tests/test_topology_*'
 
+# Generated fault schedules with many random examples instead of the fixed ones (tests/test_fault_schedules.py).
+soak examples="1000":
+    DB_RETRY_SOAK_EXAMPLES={{ examples }} "{{ bin }}/pytest" -q -p no:cacheprovider tests/test_fault_schedules.py -k generated
+
 # Compare this package with db-retry 0.8.4 from PyPI, side by side.
 bench:
     "{{ bin }}/python" benchmarks/run.py
