@@ -616,6 +616,12 @@ def multihost_url(
     return f"{scheme}://{SUPERUSER}@/{database}?{query}"
 
 
+class ClusterFactory(typing.Protocol):
+    """What the ``fresh_cluster`` fixture gives a test: call it to start a new cluster, stopped after the test."""
+
+    def __call__(self, standbys: int = 0) -> "PostgresCluster": ...
+
+
 class PostgresCluster:
     """A primary and ``standbys`` streaming standbys on free loopback ports, made from a cached template.
 
