@@ -589,6 +589,79 @@ class KitProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class KitService:
+    """What the kit's services (PgBouncer, HAProxy, a Patroni cluster) share: their lifecycle.
+
+    :meth:`start` makes a directory of the service's own under the kit's root, launches its programs there
+    and, when that fails half-way, stops what it started; :meth:`stop` may be called any time, twice too;
+    ``with service:`` does both. A subclass sets :attr:`name` and :attr:`account` and implements
+    :meth:`_launch`; one that runs one program starts it with :meth:`_spawn`, one that runs more overrides
+    :meth:`_halt` and :meth:`pids`.
+    """
+
+    name: str
+    account: _Account
+    directory: pathlib.Path | None = None
+    process: KitProcess | None = None
+
+    def start(self, timeout: float = 30.0) -> typing.Self:
+        if self.directory is not None:
+            msg = f"{self!r} is already started"
+            raise ClusterError(msg)
+        self.directory = kit_directory(self.account, self.name)
+        try:
+            self._launch(self.directory, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the service's programs (by PID) and remove its directory."""
+        self._halt()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def __enter__(self) -> typing.Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def pids(self) -> list[int]:
+        """The PIDs of the service's programs that run now (their children not included)."""
+        pid = None if self.process is None else self.process.pid
+        return [] if pid is None else [pid]
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "(not started)" if self.process is None else self.process.log_tail(lines)
+
+    def _started(self) -> pathlib.Path:
+        """The service's directory; a :class:`ClusterError` when it is not started."""
+        if self.directory is None:
+            msg = f"{self!r} is not started"
+            raise ClusterError(msg)
+        return self.directory
+
+    def _launch(self, directory: pathlib.Path, timeout: float) -> None:
+        """Start the service's programs in ``directory`` and wait up to ``timeout`` until they serve."""
+        raise NotImplementedError
+
+    def _spawn(self, args: typing.Sequence[str | os.PathLike[str]], *, log_name: str) -> KitProcess:
+        """Start the service's one program, as :attr:`account`, with its output in ``log_name`` in its directory."""
+        directory = self._started()
+        self.process = KitProcess(self.name, args, account=self.account, cwd=directory, log_path=directory / log_name)
+        self.process.start()
+        return self.process
+
+    def _halt(self) -> None:
+        """Stop what :meth:`_launch` started (also after a failed start)."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
 def kit_directory(account: _Account, prefix: str) -> pathlib.Path:
     """A new directory under the kit's per-process root, owned by ``account`` and removed with the root."""
     root, _ = _kit_root(account)
