@@ -23,6 +23,7 @@ import pytest
 from db_retry.testing import _binaries, faults
 from db_retry.testing import cluster as kit
 from db_retry.testing.cluster import ClusterError, ClusterFactory, PostgresNode
+from db_retry.testing.pytest_plugin import DSN_ENV, FRESH_SKIP_REASON
 from db_retry.testing.silence import RULE_COMMENT_PREFIX, Freeze, Partition, process_state
 from db_retry.testing.topology_fixtures import PatroniFactory, PgBouncerFactory
 
@@ -241,6 +242,7 @@ async def test_freezing_the_server_behind_pgbouncer_and_pgbouncer_itself(
 
 # -- a process that dies inside the block ----------------------------------------------------------------
 @needs_root
+@pytest.mark.skipif(bool(os.environ.get(DSN_ENV)), reason=FRESH_SKIP_REASON)  # it starts a cluster of its own
 def test_a_killed_process_leaves_no_rule_and_no_stopped_process() -> None:
     """SIGKILL inside both blocks: the reaper continues the frozen server, deletes the rules, stops the server."""
     code = textwrap.dedent(
