@@ -5,10 +5,12 @@ FROM python:3.11-slim-bookworm
 
 # Server binaries only: the kit makes its own clusters, so no default cluster is created. The package
 # also creates the unprivileged `postgres` account the kit hands servers to when it runs as root.
+# iptables: the kit's network partition (faults.partition), run as root; docker-compose.yml gives the
+# app NET_ADMIN for it.
 RUN mkdir -p /etc/postgresql-common/createcluster.d \
     && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/no-main-cluster.conf \
     && apt-get update \
-    && apt-get install -y --no-install-recommends postgresql \
+    && apt-get install -y --no-install-recommends postgresql iptables \
     && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

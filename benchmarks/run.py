@@ -46,10 +46,10 @@ import asyncpg
 
 import db_retry
 from db_retry.testing import PostgresCluster, PostgresNode
+from db_retry.testing.endpoint import MovingEndpoint
 from db_retry.testing.haproxy import HAProxy
 from db_retry.testing.patroni import PatroniCluster
 from db_retry.testing.pgbouncer import PgBouncer
-from db_retry.testing.proxy import MovingEndpoint
 
 
 REPO: typing.Final = pathlib.Path(__file__).resolve().parent.parent

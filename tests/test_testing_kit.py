@@ -1,5 +1,6 @@
 """The test kit itself, against real PostgreSQL servers: clusters, process control, accounts, binaries, plugin."""
 
+import ast
 import asyncio
 import json
 import logging
@@ -907,6 +908,8 @@ def test_plugin_with_an_external_server(pytester: pytest.Pytester, monkeypatch: 
         """
         def test_entry_point(request):
             assert request.config.pluginmanager.get_plugin("db_retry") is not None
+            # The topology fixtures come with it, as a plugin of their own the plugin names.
+            assert request.config.pluginmanager.get_plugin("db_retry.testing.topology_fixtures") is not None
 
         def test_dsn(pg_dsn):
             assert pg_dsn == "postgresql+asyncpg://app@db.invalid:5432/app"
@@ -974,3 +977,43 @@ def test_plugin_clusters_and_failure_logs(pytester: pytest.Pytester, monkeypatch
         pids = json.loads((pytester.path / f"{name}.json").read_text())
         assert pids
         assert not any(kit._alive(pid) for pid in pids), name
+
+
+def kit_imports(path: pathlib.Path) -> set[str]:
+    """The kit modules ``path`` imports anywhere (top level, functions, ``TYPE_CHECKING`` blocks)."""
+    package = pathlib.Path(kit.__file__).parent
+    found: set[str] = set()
+    for statement in ast.walk(ast.parse(path.read_text())):
+        if isinstance(statement, ast.Import):
+            names = [alias.name for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom) and statement.module == "db_retry.testing":
+            names = [f"db_retry.testing.{alias.name}" for alias in statement.names]
+        elif isinstance(statement, ast.ImportFrom) and statement.module is not None:
+            names = [statement.module]
+        else:
+            continue
+        prefix = "db_retry.testing."
+        found |= {
+            name for name in names if name.startswith(prefix) and (package / f"{name.removeprefix(prefix)}.py").exists()
+        }
+    return found
+
+
+def test_the_kit_modules_import_no_cycle() -> None:
+    package = pathlib.Path(kit.__file__).parent
+    graph = {
+        f"db_retry.testing.{path.stem}": kit_imports(path) for path in package.glob("*.py") if path.stem != "__init__"
+    }
+    assert "db_retry.testing.proxy" in graph["db_retry.testing.faults"]  # the walk sees what is there
+    assert "db_retry.testing.patroni" in graph["db_retry.testing.haproxy"]  # TYPE_CHECKING imports count too
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, " -> ".join((*path, module))
+        if module not in done:
+            for imported in sorted(graph[module]):
+                visit(imported, (*path, module))
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from topology_workload import TopologyRun, assert_holds
 
 from db_retry.testing import faults
-from db_retry.testing.proxy import MovingEndpoint
+from db_retry.testing.endpoint import MovingEndpoint
 from db_retry.testing.pytest_plugin import ClusterFactory
 from db_retry.testing.topology_fixtures import PgBouncerFactory
 

@@ -1,9 +1,9 @@
 """A throwaway PostgreSQL cluster kit for tests and demos (SPEC B9).
 
 ``PostgresCluster`` starts a primary and streaming standbys; ``faults`` breaks them on demand
-(restart, crash, terminate, failover, 57P03, 53300, 25006); ``TcpProxy`` / ``ProxiedCluster`` hang,
-cut, delay or cut right after a ``COMMIT``. The pytest plugin (``db_retry.testing.pytest_plugin``)
-turns them into fixtures.
+(restart, crash, terminate, failover, 57P03, 53300, 25006, a partition, a freeze); ``TcpProxy`` /
+``ProxiedCluster`` hang, cut, delay or cut right after a ``COMMIT``. The pytest plugin
+(``db_retry.testing.pytest_plugin``) turns them into fixtures.
 """
 
 from db_retry.testing import faults

@@ -131,6 +131,9 @@ PGBOUNCER: typing.Final = Component(
     "pgbouncer", "DB_RETRY_PGBOUNCER", "PgBouncer (Debian/Ubuntu: `apt-get install pgbouncer`)"
 )
 HAPROXY: typing.Final = Component("haproxy", "DB_RETRY_HAPROXY", "HAProxy (Debian/Ubuntu: `apt-get install haproxy`)")
+IPTABLES: typing.Final = Component(
+    "iptables", "DB_RETRY_IPTABLES", "iptables (Debian/Ubuntu: `apt-get install iptables`) and run as root"
+)
 PATRONI: typing.Final = Component(
     "patroni",
     "DB_RETRY_PATRONI",
@@ -152,6 +155,19 @@ class MissingComponentError(RuntimeError):
         super().__init__(
             f"{component.program} not found (searched: {'; '.join(self.searched)}). Install {component.install}, "
             f"or point {component.env} at the program."
+        )
+
+
+class NeedsRootError(MissingComponentError):
+    """A fault of the kit needs root (``CAP_NET_ADMIN``), as a network partition does (iptables rules)."""
+
+    def __init__(self, component: Component, what: str) -> None:
+        self.component = component
+        self.searched = ()
+        RuntimeError.__init__(
+            self,
+            f"{what} needs root (CAP_NET_ADMIN) for {component.program}; running as uid {os.geteuid()}. Run as root "
+            f"with {component.install.removesuffix(' and run as root')} installed.",
         )
 
 

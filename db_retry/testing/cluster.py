@@ -374,29 +374,46 @@ class _Template:
             return cls._made[key]
 
 
-# The reaper's program. It reads "proc", "node" and "root" lines until end of file, which comes when the
-# process that started the kit ends, however it ends: also on SIGKILL, or SIGTERM with its default action,
-# where no atexit hook runs. Then it kills (SIGKILL) every process of the kit it was told about (etcd,
+# The reaper's program. It reads "cont", "rules", "proc", "node" and "root" lines until end of file, which comes
+# when the process that started the kit ends, however it ends: also on SIGKILL, or SIGTERM with its default
+# action, where no atexit hook runs. Then it continues (SIGCONT) every process a freeze stopped that still runs
+# with the start time it had, deletes every iptables rule of a partition (found by the comment naming this
+# process, in `iptables -S`), kills (SIGKILL) every process of the kit it was told about (etcd,
 # Patroni, PgBouncer, HAProxy) that still runs with the start time it had, so a reused PID is left alone;
 # then it stops every server of that process still running, through pg_ctl by the PID in postmaster.pid,
 # as the account that runs it, and removes the kit's directories.
 _REAPER_PROGRAM: typing.Final = """# db-retry test kit reaper: stops the servers of a process that ended
-import os, shutil, signal, subprocess, sys
-procs, nodes, roots = [], [], []
+import os, shlex, shutil, signal, subprocess, sys
+procs, nodes, conts, rules, roots = [], [], [], [], []
 for line in sys.stdin:
     kind, *fields = line.rstrip("\\n").split("\\t")
-    {"proc": procs, "node": nodes}.get(kind, roots).append(fields)
-for pid, started in procs:
+    {"proc": procs, "node": nodes, "cont": conts, "rules": rules}.get(kind, roots).append(fields)
+def same(pid, started):
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            same = stat.read().rsplit(")", 1)[1].split()[19] == started
+            return stat.read().rsplit(")", 1)[1].split()[19] == started
     except OSError:
-        same = False
-    if same:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            pass
+        return False
+def send(pid, signum):
+    try:
+        os.kill(int(pid), signum)
+    except OSError:
+        pass
+for pid, started in conts:
+    if same(pid, started):
+        send(pid, signal.SIGCONT)
+for program, comment in sorted(set(map(tuple, rules))):
+    try:
+        listed = subprocess.run([program, "-w", "10", "-S"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        listed = ""
+    for rule in listed.splitlines():
+        if rule.startswith("-A ") and f" --comment {comment} " in f"{rule} ":
+            delete = [program, "-w", "10", "-D", *shlex.split(rule)[1:]]
+            subprocess.run(delete, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+for pid, started in procs:
+    if same(pid, started):
+        send(pid, signal.SIGKILL)
 for uid, gid, pg_ctl, data_dir in nodes:
     if os.path.exists(os.path.join(data_dir, "postmaster.pid")):
         switch = {} if int(uid) == os.geteuid() else {"user": int(uid), "group": int(gid), "extra_groups": []}
@@ -461,6 +478,17 @@ class _Reaper:
         if started is not None:
             self._send("proc", pid, started)
 
+    def continue_at_end(self, pid: int, started: str | None) -> None:
+        """Continue (``SIGCONT``) the stopped process ``pid``, if it is still the one started at ``started``.
+
+        ``None`` (a process already gone) matches no process.
+        """
+        self._send("cont", pid, started)
+
+    def delete_rules_at_end(self, program: pathlib.Path, comment: str) -> None:
+        """Delete the rules ``program -S`` (iptables) lists with ``-m comment --comment COMMENT``."""
+        self._send("rules", program, comment)
+
     def remove_at_end(self, directory: pathlib.Path) -> None:
         self._send("root", directory)
 
@@ -479,18 +507,26 @@ _reaper: _Reaper | None = None
 _live: "set[PostgresCluster]" = set()
 
 
-def _kit_root(account: _Account) -> tuple[pathlib.Path, _Reaper]:
-    """A per-process directory, owned by the server account, holding the template and every cluster."""
-    global _root, _reaper  # noqa: PLW0603
+def kit_reaper() -> _Reaper:
+    """The kit's reaper process, started on first use."""
+    global _reaper  # noqa: PLW0603
     with _ROOT_LOCK:
         if _reaper is None:
             _reaper = _Reaper()
+        return _reaper
+
+
+def _kit_root(account: _Account) -> tuple[pathlib.Path, _Reaper]:
+    """A per-process directory, owned by the server account, holding the template and every cluster."""
+    global _root  # noqa: PLW0603
+    reaper = kit_reaper()
+    with _ROOT_LOCK:
         if _root is None or not _root.exists():
             _root = pathlib.Path(tempfile.mkdtemp(prefix="db-retry-pg-"))
             os.chmod(_root, 0o755)  # noqa: PTH101, S103 - the server account must traverse it
             account.own(_root)
-            _reaper.remove_at_end(_root)
-        return _root, _reaper
+            reaper.remove_at_end(_root)
+        return _root, reaper
 
 
 class KitProcess:
@@ -589,6 +625,79 @@ class KitProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class KitService:
+    """What the kit's services (PgBouncer, HAProxy, a Patroni cluster) share: their lifecycle.
+
+    :meth:`start` makes a directory of the service's own under the kit's root, launches its programs there
+    and, when that fails half-way, stops what it started; :meth:`stop` may be called any time, twice too;
+    ``with service:`` does both. A subclass sets :attr:`name` and :attr:`account` and implements
+    :meth:`_launch`; one that runs one program starts it with :meth:`_spawn`, one that runs more overrides
+    :meth:`_halt` and :meth:`pids`.
+    """
+
+    name: str
+    account: _Account
+    directory: pathlib.Path | None = None
+    process: KitProcess | None = None
+
+    def start(self, timeout: float = 30.0) -> typing.Self:
+        if self.directory is not None:
+            msg = f"{self!r} is already started"
+            raise ClusterError(msg)
+        self.directory = kit_directory(self.account, self.name)
+        try:
+            self._launch(self.directory, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the service's programs (by PID) and remove its directory."""
+        self._halt()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def __enter__(self) -> typing.Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def pids(self) -> list[int]:
+        """The PIDs of the service's programs that run now (their children not included)."""
+        pid = None if self.process is None else self.process.pid
+        return [] if pid is None else [pid]
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "(not started)" if self.process is None else self.process.log_tail(lines)
+
+    def _started(self) -> pathlib.Path:
+        """The service's directory; a :class:`ClusterError` when it is not started."""
+        if self.directory is None:
+            msg = f"{self!r} is not started"
+            raise ClusterError(msg)
+        return self.directory
+
+    def _launch(self, directory: pathlib.Path, timeout: float) -> None:
+        """Start the service's programs in ``directory`` and wait up to ``timeout`` until they serve."""
+        raise NotImplementedError
+
+    def _spawn(self, args: typing.Sequence[str | os.PathLike[str]], *, log_name: str) -> KitProcess:
+        """Start the service's one program, as :attr:`account`, with its output in ``log_name`` in its directory."""
+        directory = self._started()
+        self.process = KitProcess(self.name, args, account=self.account, cwd=directory, log_path=directory / log_name)
+        self.process.start()
+        return self.process
+
+    def _halt(self) -> None:
+        """Stop what :meth:`_launch` started (also after a failed start)."""
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+
 def kit_directory(account: _Account, prefix: str) -> pathlib.Path:
     """A new directory under the kit's per-process root, owned by ``account`` and removed with the root."""
     root, _ = _kit_root(account)
@@ -614,6 +723,12 @@ def multihost_url(
     if target_session_attrs is not None:
         query += f"&target_session_attrs={target_session_attrs}"
     return f"{scheme}://{SUPERUSER}@/{database}?{query}"
+
+
+class ClusterFactory(typing.Protocol):
+    """What the ``fresh_cluster`` fixture gives a test: call it to start a new cluster, stopped after the test."""
+
+    def __call__(self, standbys: int = 0) -> "PostgresCluster": ...
 
 
 class PostgresCluster:

@@ -17,10 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from db_retry.connections import build_connection_factory
 from db_retry.testing import faults
 from db_retry.testing.cluster import PostgresCluster
+from db_retry.testing.endpoint import MovingEndpoint
 from db_retry.testing.haproxy import HAProxy
 from db_retry.testing.patroni import PatroniCluster
 from db_retry.testing.pgbouncer import PgBouncer
-from db_retry.testing.proxy import MovingEndpoint
 
 
 __all__ = ["KIT_FAULTS", "TOPOLOGY_FAULTS", "DemoTarget", "make_target"]

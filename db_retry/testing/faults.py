@@ -13,7 +13,14 @@ SQLSTATE   what the client sees                              helper
 ``53300``  ``TooManyConnectionsError`` on connect            :func:`limited_role`, :func:`exhaust_connections`
 ``25006``  ``ReadOnlySQLTransactionError`` on a write        :func:`read_only` (or any standby)
 refused    ``ConnectionRefusedError`` on connect             :func:`crash`, :func:`stop`
+silence    no answer: a query, a connect time out            :func:`partition`, :func:`freeze`
 =========  ================================================  =====================================
+
+Silence comes in three kinds, all real: :meth:`TcpProxy.hang() <db_retry.testing.proxy.TcpProxy.hang>`
+(a proxy stops forwarding; the TCP handshake with the proxy still succeeds), :func:`partition` (iptables
+drops every packet to and from a node's loopback port: no SYN-ACK, no acknowledgement; root only) and
+:func:`freeze` (``SIGSTOP`` of a node's processes: the kernel still completes handshakes, nothing
+answers). See :mod:`db_retry.testing.silence`.
 """
 
 import asyncio
@@ -30,6 +37,7 @@ import asyncpg
 
 from db_retry.testing.cluster import SUPERUSER, ClusterError, PostgresCluster, PostgresNode, StopMode
 from db_retry.testing.proxy import TcpProxy
+from db_retry.testing.silence import DEFAULT_LIMIT, Freeze, FreezeTarget, Partition, PartitionTarget
 
 
 __all__ = [
@@ -37,8 +45,10 @@ __all__ = [
     "crash",
     "exhaust_connections",
     "failover",
+    "freeze",
     "kill_backend",
     "limited_role",
+    "partition",
     "read_only",
     "rebuild_as_standby",
     "replication_link",
@@ -428,3 +438,47 @@ async def _wait_for_setting(node: PostgresNode, name: str, value: str, *, timeou
         if loop.time() >= deadline:
             raise _timed_out(node, f"has not set {name}={value}", timeout)
         await asyncio.sleep(_POLL)
+
+
+# -- silent nodes -------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def partition(
+    *targets: PartitionTarget, limit: float = DEFAULT_LIMIT
+) -> collections.abc.AsyncIterator[Partition]:
+    """Inside the block packets to and from the loopback ports of ``targets`` are dropped: the nodes fall silent.
+
+    A target is a :class:`PostgresNode` (or anything with a loopback ``host`` and ``port``: a PgBouncer, a
+    :class:`TcpProxy`) or a port on 127.0.0.1. A query on an established connection gets no answer and no
+    error (the client's TCP retransmits until the block ends, then the answer comes); a new connect times out
+    rather than being refused. Rules are iptables ``DROP`` rules in ``INPUT`` on ``lo`` with the comment
+    ``db-retry-kit-<pid>``, deleted on exit, after ``limit`` seconds at most, or by the kit's reaper if the
+    process dies. Needs root: raises :class:`~db_retry.testing._binaries.NeedsRootError` otherwise, and
+    :class:`~db_retry.testing._binaries.MissingComponentError` without iptables.
+    """
+    fault = Partition(*targets, limit=limit)
+    await asyncio.to_thread(fault.begin)
+    try:
+        yield fault
+    finally:
+        await asyncio.to_thread(fault.end)
+
+
+@contextlib.asynccontextmanager
+async def freeze(
+    target: FreezeTarget, *, patroni: bool = True, limit: float = DEFAULT_LIMIT
+) -> collections.abc.AsyncIterator[Freeze]:
+    """Inside the block ``target``'s processes and all their descendants are stopped (``SIGSTOP``), as a frozen VM.
+
+    ``target`` is a :class:`PostgresNode` (its postmaster and every child), a Patroni member (its Patroni
+    and its PostgreSQL; ``patroni=False``: its PostgreSQL only) or a kit service (PgBouncer, HAProxy). The
+    kernel still accepts TCP connections on a frozen server's port, but nothing answers: queries and
+    connects time out. On exit, after ``limit`` seconds at most, or by the kit's reaper if the process dies,
+    every process is continued (``SIGCONT``) and the server answers again; the fault waits until each is
+    stopped on entry and running on exit. Needs no privilege beyond signalling the kit's own processes.
+    """
+    fault = Freeze(target, patroni=patroni, limit=limit)
+    await asyncio.to_thread(fault.begin)
+    try:
+        yield fault
+    finally:
+        await asyncio.to_thread(fault.end)

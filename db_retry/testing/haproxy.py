@@ -11,13 +11,12 @@ sessions to an old primary stay open, as behind a moving DNS name.
 import csv
 import io
 import pathlib
-import shutil
 import socket
 import time
 import typing
 
 from db_retry.testing._binaries import HAPROXY, find_program
-from db_retry.testing.cluster import DATABASE, HOST, SUPERUSER, ClusterError, KitProcess, free_port, kit_directory
+from db_retry.testing.cluster import DATABASE, HOST, SUPERUSER, ClusterError, KitService, free_port
 
 
 if typing.TYPE_CHECKING:
@@ -30,7 +29,7 @@ Listener = typing.Literal["primary", "replicas"]
 _CHECKS: typing.Final[dict[str, str]] = {"primary": "/primary", "replicas": "/replica"}
 
 
-class HAProxy:
+class HAProxy(KitService):
     """HAProxy 2.6+ with a ``primary`` and a ``replicas`` listener over ``cluster``'s members."""
 
     def __init__(
@@ -52,8 +51,6 @@ class HAProxy:
         self.name = name
         self.host = HOST
         self.ports: dict[str, int] = {}
-        self.directory: pathlib.Path | None = None
-        self.process: KitProcess | None = None
 
     def __repr__(self) -> str:
         listeners = ", ".join(f"{name}@{self.host}:{port}" for name, port in self.ports.items())
@@ -68,10 +65,7 @@ class HAProxy:
 
     @property
     def socket_path(self) -> pathlib.Path:
-        if self.directory is None:
-            msg = f"{self!r} is not started"
-            raise ClusterError(msg)
-        return self.directory / "stats.sock"
+        return self._started() / "stats.sock"
 
     def _config(self) -> str:
         interval = f"{round(self.check_interval * 1000)}ms"
@@ -103,45 +97,15 @@ class HAProxy:
             ]
         return "\n".join([*lines, ""])
 
-    def start(self, timeout: float = 30.0) -> typing.Self:
-        if self.directory is not None:
-            msg = f"{self!r} is already started"
-            raise ClusterError(msg)
-        self.directory = kit_directory(self.account, self.name)
+    def _launch(self, directory: pathlib.Path, timeout: float) -> None:
         self.ports = {listener: free_port() for listener in _CHECKS}
-        config_path = self.directory / "haproxy.cfg"
+        config_path = directory / "haproxy.cfg"
         config_path.write_text(self._config())
-        self.account.own(self.directory)
+        self.account.own(directory)
         # -db: stay in the foreground, so the kit holds the process and its PID.
-        self.process = KitProcess(
-            self.name,
-            [self.program, "-db", "-f", config_path],
-            account=self.account,
-            cwd=self.directory,
-            log_path=self.directory / "haproxy.log",
-        )
-        try:
-            self.process.start()
-            self.process.wait_listening(self.host, self.ports["primary"], timeout)
-            self.wait_checked(timeout=timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-    def __enter__(self) -> typing.Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        process = self._spawn([self.program, "-db", "-f", config_path], log_name="haproxy.log")
+        process.wait_listening(self.host, self.ports["primary"], timeout)
+        self.wait_checked(timeout=timeout)
 
     # -- stats -----------------------------------------------------------------
     def command(self, line: str) -> str:

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import signal
 import time
 import typing
@@ -30,12 +29,12 @@ from db_retry.testing.cluster import (
     HOST,
     ClusterError,
     KitProcess,
+    KitService,
     PostgresNode,
     _Account,
     _alive,
     _kit_root,
     free_port,
-    kit_directory,
     multihost_url,
 )
 
@@ -164,7 +163,7 @@ class Transition:
     seconds: float  # from the fault (request or kill) to the first write the new leader accepted
 
 
-class PatroniCluster:
+class PatroniCluster(KitService):
     """An etcd and ``members`` Patroni members of PostgreSQL, started as a context manager or by :meth:`start`.
 
     ``synchronous_mode=True`` makes Patroni keep a synchronous standby and promote only it, so an unplanned
@@ -199,7 +198,6 @@ class PatroniCluster:
         self.name = name
         self.members: list[PatroniMember] = []
         self.etcd: Etcd | None = None
-        self.directory: pathlib.Path | None = None
 
     def __repr__(self) -> str:
         members = ", ".join(f"{member.name}@{member.node.address}" for member in self.members)
@@ -214,28 +212,22 @@ class PatroniCluster:
 
     # -- lifecycle -------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> typing.Self:
-        if self.directory is not None:
-            msg = f"{self!r} is already started"
-            raise ClusterError(msg)
-        self.directory = kit_directory(self.account, self.name)
-        try:
-            self.etcd = Etcd(self.directory, account=self.account)
-            self.etcd.start()
-            for index in range(1, self.member_count + 1):
-                self.members.append(self._new_member(f"m{index}"))
-            self.members[0].process.start()  # the first one bootstraps: no race for the initialize key
-            deadline = time.monotonic() + timeout
-            self._wait(lambda: self.members[0].is_leader, "a leader", deadline)
-            for member in self.members[1:]:
-                member.process.start()
-            self._wait(self._all_streaming, "every replica streaming", deadline)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return super().start(timeout)
 
-    def stop(self) -> None:
-        """Stop every Patroni (replicas first, so nothing fails over), any postmaster left, etcd; remove the files."""
+    def _launch(self, directory: pathlib.Path, timeout: float) -> None:
+        self.etcd = Etcd(directory, account=self.account)
+        self.etcd.start()
+        for index in range(1, self.member_count + 1):
+            self.members.append(self._new_member(f"m{index}"))
+        self.members[0].process.start()  # the first one bootstraps: no race for the initialize key
+        deadline = time.monotonic() + timeout
+        self._wait(lambda: self.members[0].is_leader, "a leader", deadline)
+        for member in self.members[1:]:
+            member.process.start()
+        self._wait(self._all_streaming, "every replica streaming", deadline)
+
+    def _halt(self) -> None:
+        """Stop every Patroni (replicas first, so nothing fails over), any postmaster left, then etcd."""
         leaders = [member for member in self.members if member.node.is_running and member.is_leader]
         for member in [member for member in self.members if member not in leaders] + leaders:
             member.process.stop()
@@ -246,15 +238,12 @@ class PatroniCluster:
         if self.etcd is not None:
             self.etcd.stop()
             self.etcd = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
 
-    def __enter__(self) -> typing.Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def pids(self) -> list[int]:
+        """etcd's, every member's Patroni's and postmaster's PIDs that run now."""
+        processes = [member.process for member in self.members] + ([] if self.etcd is None else [self.etcd.process])
+        pids = [process.pid for process in processes] + [member.node.pid for member in self.members]
+        return [pid for pid in pids if pid is not None]
 
     def _new_member(self, name: str) -> PatroniMember:
         if self.directory is None or self.etcd is None:  # pragma: no cover - only called from start()

@@ -7,21 +7,11 @@ moves.
 """
 
 import pathlib
-import shutil
 import signal
 import typing
 
 from db_retry.testing._binaries import PGBOUNCER, find_program
-from db_retry.testing.cluster import (
-    DATABASE,
-    HOST,
-    SUPERUSER,
-    ClusterError,
-    KitProcess,
-    _Account,
-    free_port,
-    kit_directory,
-)
+from db_retry.testing.cluster import DATABASE, HOST, SUPERUSER, KitService, _Account, free_port
 
 
 __all__ = ["PgBouncer", "PoolMode"]
@@ -30,7 +20,7 @@ PoolMode = typing.Literal["session", "transaction", "statement"]
 _POOL_MODES: typing.Final = typing.get_args(PoolMode)
 
 
-class PgBouncer:
+class PgBouncer(KitService):
     """PgBouncer 1.18+ in front of ``target_host:target_port``; a context manager, or :meth:`start` / :meth:`stop`.
 
     Clients connect to :attr:`host` / :attr:`port` (``dsn(driver=...)``) as ``postgres`` with no password
@@ -61,8 +51,6 @@ class PgBouncer:
         self.name = name
         self.host = HOST
         self.port = 0
-        self.directory: pathlib.Path | None = None
-        self.process: KitProcess | None = None
 
     def __repr__(self) -> str:
         return (
@@ -80,10 +68,7 @@ class PgBouncer:
 
     @property
     def config_path(self) -> pathlib.Path:
-        if self.directory is None:
-            msg = f"{self!r} is not started"
-            raise ClusterError(msg)
-        return self.directory / "pgbouncer.ini"
+        return self._started() / "pgbouncer.ini"
 
     def _write_config(self) -> None:
         directory = self.config_path.parent
@@ -114,41 +99,11 @@ class PgBouncer:
         )
         self.account.own(directory)
 
-    def start(self, timeout: float = 30.0) -> typing.Self:
-        if self.directory is not None:
-            msg = f"{self!r} is already started"
-            raise ClusterError(msg)
-        self.directory = kit_directory(self.account, self.name)
+    def _launch(self, directory: pathlib.Path, timeout: float) -> None:  # noqa: ARG002 - config_path is in it
         self.port = free_port()
         self._write_config()
-        self.process = KitProcess(
-            self.name,
-            [self.program, self.config_path],
-            account=self.account,
-            cwd=self.directory,
-            log_path=self.directory / "pgbouncer.log",
-        )
-        try:
-            self.process.start()
-            self.process.wait_listening(self.host, self.port, timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-    def __enter__(self) -> typing.Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        process = self._spawn([self.program, self.config_path], log_name="pgbouncer.log")
+        process.wait_listening(self.host, self.port, timeout)
 
     def retarget(self, host: str, port: int) -> None:
         """Point every database at ``host:port`` and reload (``SIGHUP``); new server connections go there."""
@@ -156,6 +111,3 @@ class PgBouncer:
         self._write_config()
         if self.process is not None:  # pragma: no branch - _write_config raised if not started
             self.process.signal(signal.SIGHUP)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "(not started)" if self.process is None else self.process.log_tail(lines)

@@ -9,6 +9,8 @@ starts only when a test requests one of the fixtures.
 - ``fresh_cluster`` (function): a factory of new clusters for tests that stop, crash or promote servers.
 - ``proxied_cluster`` (function, needs pytest-asyncio): a new primary + standby behind one
   :class:`~db_retry.testing.proxy.TcpProxy` each, to hang, cut or delay the network.
+- ``patroni_cluster``, ``pgbouncer``, ``haproxy``, ``moving_endpoint``: the deployment topologies, from
+  :mod:`db_retry.testing.topology_fixtures`, which pytest loads with this plugin (``pytest_plugins``).
 
 When ``DB_RETRY_TEST_DSN`` names an external server, the kit starts nothing: ``pg_dsn`` points at
 that server and tests that need the kit's own servers are skipped with the reason. The variable is
@@ -26,7 +28,7 @@ import typing
 import pytest
 
 from db_retry.dsn import parse_url
-from db_retry.testing.cluster import PostgresCluster
+from db_retry.testing.cluster import ClusterFactory, PostgresCluster
 from db_retry.testing.proxy import ProxiedCluster
 
 
@@ -57,14 +59,12 @@ _ASYNCPG_DRIVER: typing.Final = "postgresql+asyncpg"
 # Fixtures whose value comes from the session cluster: a failing test that used one gets its logs.
 _SESSION_FIXTURES: typing.Final = frozenset({"pg_cluster", "pg_dsn"})
 
+# The deployment topologies' fixtures (patroni_cluster, pgbouncer, haproxy, moving_endpoint) live in a plugin module
+# of their own that pytest loads with this one; neither module imports the other.
+pytest_plugins: typing.Final = ("db_retry.testing.topology_fixtures",)
+
 _session_cluster_key: typing.Final = pytest.StashKey[PostgresCluster]()
 _test_clusters_key: typing.Final = pytest.StashKey[list[PostgresCluster]]()
-
-
-class ClusterFactory(typing.Protocol):
-    """What ``fresh_cluster`` gives a test: call it to start a new cluster, stopped after the test."""
-
-    def __call__(self, standbys: int = 0) -> PostgresCluster: ...
 
 
 def external_dsn() -> str | None:
@@ -163,16 +163,3 @@ def pytest_runtest_makereport(
             for node in cluster.nodes:
                 title = f"server log {cluster.name}/{node.name} ({node.address})"
                 report.sections.append((title, node.log_tail()))
-
-
-# The deployment topologies' fixtures (patroni_cluster, pgbouncer, haproxy, moving_endpoint) live in their own
-# module; importing them here is what makes them fixtures of this plugin.
-from db_retry.testing.topology_fixtures import (  # noqa: E402
-    haproxy,
-    moving_endpoint,
-    patroni_cluster,
-    pgbouncer,
-)
-
-
-_TOPOLOGY_FIXTURES: typing.Final = (haproxy, moving_endpoint, patroni_cluster, pgbouncer)

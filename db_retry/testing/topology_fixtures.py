@@ -1,8 +1,9 @@
 """pytest fixtures for the deployment topologies: Patroni, PgBouncer, HAProxy and a moving endpoint.
 
-The kit's pytest plugin imports them, so they come with it. Each is a factory (or, for
-``moving_endpoint``, a started object) whose processes are stopped by PID when the test ends. When a
-program is not installed, the test is skipped with a reason naming what to install.
+A pytest plugin of its own, which the kit's plugin names in ``pytest_plugins``, so they come with it
+(and neither module imports the other). Each is a factory (or, for ``moving_endpoint``, a started
+object) whose processes are stopped by PID when the test ends. When a program is not installed, the
+test is skipped with a reason naming what to install.
 """
 
 import collections.abc
@@ -13,14 +14,12 @@ import typing
 import pytest
 
 from db_retry.testing._binaries import MissingComponentError
+from db_retry.testing.cluster import ClusterFactory
+from db_retry.testing.endpoint import MovingEndpoint
 from db_retry.testing.haproxy import HAProxy
 from db_retry.testing.patroni import PatroniCluster
 from db_retry.testing.pgbouncer import PgBouncer, PoolMode
-from db_retry.testing.proxy import MovingEndpoint
 
-
-if typing.TYPE_CHECKING:
-    from db_retry.testing.pytest_plugin import ClusterFactory
 
 __all__ = [
     "HAProxyFactory",
@@ -97,7 +96,7 @@ if importlib.util.find_spec("pytest_asyncio") is not None:  # pragma: no branch 
     import pytest_asyncio
 
     @pytest_asyncio.fixture
-    async def moving_endpoint(fresh_cluster: "ClusterFactory") -> collections.abc.AsyncIterator[MovingEndpoint]:
+    async def moving_endpoint(fresh_cluster: ClusterFactory) -> collections.abc.AsyncIterator[MovingEndpoint]:
         """A new primary + standby behind one address that :meth:`MovingEndpoint.move` points at the standby."""
         async with MovingEndpoint(fresh_cluster(standbys=1)) as endpoint:
             yield endpoint
