@@ -35,6 +35,7 @@ import contextvars
 import dataclasses
 import enum
 import functools
+import inspect
 import logging
 import re
 import typing
@@ -46,7 +47,7 @@ from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from db_retry.liveness import Wire, tune_socket
+from db_retry.liveness import Wire, cancel_at_once, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
     LOST_CONNECTION_SQLSTATES,
@@ -262,6 +263,7 @@ def _on_connect(
     state = record.info[STATE] = ConnectionState()
     try:
         state.wire = tune_socket(dbapi_connection, get_settings())
+        cancel_at_once(dbapi_connection)
         _waiting(state)
         _probe(dbapi_connection)
         _answered(state)
@@ -569,7 +571,22 @@ def _install(dialect: Dialect) -> None:
         return
     dialect.do_commit = functools.partial(_do_commit, dialect.do_commit)  # type: ignore[method-assign]
     dialect.do_rollback = functools.partial(_do_rollback, dialect.do_rollback)  # type: ignore[method-assign]
+    dialect.do_terminate = functools.partial(_do_terminate, dialect.do_terminate)  # type: ignore[method-assign]
     dialect._db_retry_installed = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own marker
+
+
+def _do_terminate(original: typing.Callable[[typing.Any], None], dbapi_connection: typing.Any) -> None:  # noqa: ANN401
+    """Drop an invalidated connection's socket at once; then SQLAlchemy's own terminate.
+
+    SQLAlchemy's asyncpg adapter first tries a graceful close of up to 2 s (its #10717): on a silent
+    server that is 2 s more for a caller whose call was cancelled. asyncpg's ``terminate()`` aborts the
+    socket synchronously; the graceful close that follows finds it closed and returns.
+    """
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    abort = getattr(driver, "terminate", None)
+    if abort is not None and not inspect.iscoroutinefunction(abort):
+        abort()
+    original(dbapi_connection)
 
 
 def _do_rollback(original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection) -> None:
@@ -650,7 +667,7 @@ def _resolving_do_commit(
         state.phase = Phase.COMMITTING
         if verdict.applied:
             logger.info("a lost COMMIT was applied: %s", verdict.reason)
-            connection.invalidate(soft=True)  # its socket is gone: replace it at the next checkout
+            connection.invalidate()  # its socket is gone: closed now, never reset on return to the pool
             return
         state.verdict = verdict
         raise

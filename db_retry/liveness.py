@@ -28,6 +28,7 @@ import math
 import os
 import socket
 import struct
+import sys
 import time
 import typing
 import weakref
@@ -59,9 +60,9 @@ class Wire:
 
     def waiting(self) -> None:
         """The client sends something and waits for the answer (a statement, COMMIT, ROLLBACK)."""
-        self.waiting_since = time.monotonic()
-        if self.watchdog is not None and self.watchdog.task is None:
-            self.watchdog.start()
+        self.waiting_since = now = time.monotonic()
+        if self.watchdog is not None and self.watchdog.timer_at is None:
+            self.watchdog.arm(now + self.watchdog.probe_after)
 
     def answered(self) -> None:
         self.waiting_since = None
@@ -93,6 +94,28 @@ def tune_socket(dbapi_connection: typing.Any, settings: "RetrySettings") -> Wire
         _tune(sock, settings)
         ends = (sock.getsockname(), sock.getpeername())
     return Wire(_peer(ends[1]), functools.partial(_shutdown, descriptor, ends), watchdog(settings))
+
+
+def cancel_at_once(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver's connection
+    """Let the caller's cancellation of a psycopg statement end the wait at once, even on a silent server.
+
+    On cancellation psycopg 3.2+ asks the server to cancel the statement on a second connection and
+    waits for the statement to end, up to 5 s each (``AsyncConnection._try_cancel``, then ``wait``):
+    against a server that does not answer, the caller's cancellation reaches it seconds late. SQLAlchemy
+    discards a connection interrupted by a cancellation anyway, so the dance buys nothing: this is the
+    one place that replaces the private ``_try_cancel`` of a psycopg connection, with one that lets the
+    interruption go on (psycopg then closes the connection). A test fails loudly if psycopg renames it.
+    (asyncpg sends its cancel request in the background and never holds the caller.)
+    """
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if hasattr(type(driver), "_try_cancel"):
+        driver._try_cancel = _interrupt_again  # noqa: SLF001 - see above
+
+
+async def _interrupt_again(*, timeout: float = 0.0) -> None:  # noqa: ARG001 - psycopg's signature
+    """Raise the interruption psycopg is handling, so that it closes the connection and lets it go on."""
+    handled = sys.exc_info()[1]
+    raise handled if handled is not None else asyncio.CancelledError
 
 
 def _shutdown(descriptor: int, ends: tuple[typing.Any, typing.Any]) -> None:
@@ -137,39 +160,51 @@ async def probe(peer: Peer, timeout: float) -> bool:
 class Watchdog:
     """Per event loop: probes the servers of connections that wait too long, and cuts those that are silent.
 
-    It runs only while some connection waits; it holds its wires weakly and no strong reference to its
-    loop once it stops, so it keeps neither connections nor loops alive.
+    It costs nothing while connections get their answers: one timer per ``probe_after`` seconds while
+    any connection of the loop waits, no task until one has waited too long. It holds its wires weakly
+    and never its loop (it keeps the time its timer is set for, not the handle), so it keeps neither
+    connections nor loops alive.
     """
 
     def __init__(self, settings: "RetrySettings") -> None:
         self.probe_after = settings.probe_after
         self.probe_timeout = settings.probe_timeout
         self.wires: weakref.WeakSet[Wire] = weakref.WeakSet()
-        self.task: asyncio.Task[None] | None = None
+        self.timer_at: float | None = None  # monotonic time the pending timer fires
+        self.probing = False  # a probe task runs (held by _PROBES, never here: a task references its loop)
         self.alive: dict[Peer, float] = {}  # when each server last answered a probe
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run(), name="db-retry watchdog")
+    def arm(self, at: float) -> None:
+        """Look again at (monotonic) time ``at``."""
+        self.timer_at = at
+        asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._look)
 
-    async def _run(self) -> None:
-        try:
-            while any(wire.waiting_since is not None for wire in self.wires):
-                await asyncio.sleep(self.probe_after / 2)
-                await self._check(time.monotonic())
-        finally:
-            self.task = None  # a finished task references its loop
-
-    async def _check(self, now: float) -> None:
+    def _look(self) -> None:
+        self.timer_at = None
+        now = time.monotonic()
+        waits = [(wire, since) for wire in list(self.wires) if (since := wire.waiting_since) is not None]
+        if not waits:
+            return  # nothing waits: no timer until something does
         stuck: dict[Peer, list[Wire]] = {}
-        for wire in list(self.wires):
-            since = wire.waiting_since
-            if since is not None and now - since >= self.probe_after:
+        for wire, since in waits:
+            if now - since >= self.probe_after and now - self.alive.get(wire.peer, -math.inf) >= self.probe_after:
                 stuck.setdefault(wire.peer, []).append(wire)
+        if stuck and not self.probing:
+            self.probing = True
+            task = asyncio.get_running_loop().create_task(self._probe(stuck), name="db-retry probe")
+            _PROBES.add(task)
+            task.add_done_callback(self._probed)  # also when cancelled before its first step
+        oldest = min(since for _, since in waits)
+        self.arm(max(oldest + self.probe_after, now + self.probe_after / 2))
+
+    def _probed(self, task: "asyncio.Task[None]") -> None:
+        _PROBES.discard(task)
+        self.probing = False
+
+    async def _probe(self, stuck: dict[Peer, list[Wire]]) -> None:
         for peer, wires in stuck.items():
-            if now - self.alive.get(peer, -math.inf) < self.probe_after:
-                continue  # it answered a moment ago: its long queries go on
             if await probe(peer, self.probe_timeout):
-                self.alive[peer] = time.monotonic()
+                self.alive[peer] = time.monotonic()  # its long queries go on
                 continue
             cut = [wire for wire in wires if wire.waiting_since is not None]
             logger.warning(
@@ -183,6 +218,7 @@ class Watchdog:
                 wire.abort()
 
 
+_PROBES: set["asyncio.Task[None]"] = set()  # running probes (the loop itself keeps only weak references)
 _WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
 
 

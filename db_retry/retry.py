@@ -468,7 +468,7 @@ class _Policy:
             return False
 
         retrying = tenacity.AsyncRetrying(
-            stop=self.stop or budget,
+            stop=self._stop(budget),
             wait=base_wait if self.stop is not None else budget.clipped(base_wait),
             retry=tenacity.retry_if_exception(should_retry),
             before_sleep=self._before_sleep,
@@ -499,6 +499,15 @@ class _Policy:
             self._give_up(exc, retrying.statistics.get("attempt_number", 1), reason=reason)
             raise
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
+
+    def _stop(self, budget: _Budget) -> stop_base:
+        """The built-in budget; or the caller's ``stop=``, which an explicit ``retries=`` still bounds."""
+        if self.stop is None:
+            return budget
+        if self.retries is None:
+            return self.stop
+        attempts = _Budget(attempts=self.retries, conflict_timeout=None, outage_timeout=math.inf, timeout=None)
+        return self.stop | attempts
 
     def _settings(self, first_error: Exception) -> RetrySettings:
         """The settings; if a variable went bad since decoration, ``first_error`` is raised with a note instead."""

@@ -1126,3 +1126,15 @@ async def test_a_session_passed_in_is_retried_when_the_function_begins_its_own_t
     assert attempts.count(2) == 2
     async with engine.connect() as connection:
         assert await connection.scalar(sa.text("SELECT note FROM retry_items")) == "rival+1+2"
+
+
+async def test_an_explicit_retries_still_bounds_a_custom_stop() -> None:
+    # stop= replaces the built-in time budgets; an attempt count the caller set is kept on top of it.
+    work, calls = _failing([_Coded("40001")] * 5)
+    with pytest.raises(_Coded):
+        await postgres_retry(retries=2, stop=tenacity.stop_after_delay(60), sleep=_no_sleep)(work)()
+    assert len(calls) == 2
+    work, calls = _failing([_Coded("40001")] * 5)
+    with pytest.raises(_Coded):
+        await postgres_retry(stop=tenacity.stop_after_attempt(4), sleep=_no_sleep)(work)()
+    assert len(calls) == 4  # no retries=: the caller's stop alone decides
