@@ -137,3 +137,23 @@ async def test_a_probe_says_who_answers(pg_cluster: PostgresCluster) -> None:
     async with TcpProxy(primary.host, primary.port) as proxy:
         proxy.hang()
         assert not await probe((proxy.host, proxy.port), 0.3)  # accepted, never answered
+
+
+async def test_psycopg_connections_let_a_cancellation_go_on_at_once(pg_cluster: PostgresCluster) -> None:
+    # The one private name db-retry replaces on a psycopg connection: this fails loudly if psycopg renames it.
+    import psycopg  # noqa: PLC0415 - the optional driver
+
+    from db_retry import liveness  # noqa: PLC0415
+
+    assert hasattr(psycopg.AsyncConnection, "_try_cancel")
+    engine = create_async_engine(pg_cluster.primary.dsn(driver="psycopg"))
+    try:
+        async with engine.connect() as connection:
+            driver: typing.Any = (await connection.get_raw_connection()).driver_connection
+            assert driver._try_cancel is liveness._interrupt_again
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await connection.execute(sa.text("SELECT pg_sleep(5)"))
+            assert connection.invalidated  # SQLAlchemy discards it; psycopg closed it at once
+    finally:
+        await engine.dispose()
