@@ -41,6 +41,8 @@ INITIAL_BALANCE: typing.Final = 1_000
 DEFAULT_DURATION: typing.Final = 30.0
 INTERRUPTED: typing.Final = 130  # the shell's status for a command ended by SIGINT
 DEFAULT_WORKERS: typing.Final = 8
+# Each transfer is bounded as a request handler would bound it: attempts, waits and silent servers included.
+CALL_DEADLINE: typing.Final = 25.0
 DEFAULT_ACCOUNTS: typing.Final = 5_000  # spread over many index pages: SSI locks btree pages, not rows
 # What the retry counts are keyed by: the SQLSTATE of the error, or, when it carries none, the kind of failure.
 RETRY_CAUSES: typing.Final[typing.Mapping[str, str]] = {
@@ -173,7 +175,7 @@ class TransferWorkload:
         self.accounts = accounts
         self.clock = clock
         self.outcomes = Outcomes()
-        self.transfer = postgres_retry(on_retry=self._count_retry)(self._transfer)
+        self.transfer = postgres_retry(on_retry=self._count_retry, deadline=CALL_DEADLINE)(self._transfer)
 
     async def setup(self) -> None:
         async with self.engine.begin() as connection:

@@ -25,7 +25,9 @@ from db_retry.testing.pgbouncer import PgBouncer
 
 __all__ = ["KIT_FAULTS", "TOPOLOGY_FAULTS", "DemoTarget", "make_target"]
 
-KIT_FAULTS: typing.Final = ("terminate", "restart-fast", "restart-immediate", "failover")
+KIT_FAULTS: typing.Final = ("terminate", "restart-fast", "restart-immediate", "freeze", "failover")
+# A frozen primary (SIGSTOP) stays silent this long: longer than the watchdog takes to cut what waits on it.
+FREEZE_SECONDS: typing.Final = 8.0
 TOPOLOGY_FAULTS: typing.Final[typing.Mapping[str, tuple[str, ...]]] = {
     "kit": KIT_FAULTS,
     "patroni": ("switchover", "failover"),
@@ -73,6 +75,9 @@ class DemoTarget:
             await faults.restart(primary, "fast")
         elif name == "restart-immediate":
             await faults.restart(primary, "immediate")
+        elif name == "freeze":
+            async with faults.freeze(primary):
+                await asyncio.sleep(FREEZE_SECONDS)
         else:
             await faults.failover(self.cluster)
             await faults.rebuild_as_standby(self.cluster, primary)
