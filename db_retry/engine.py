@@ -41,13 +41,15 @@ import re
 import typing
 import weakref
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import Dialect, ExceptionContext
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
+from sqlalchemy.util.concurrency import in_greenlet
 
-from db_retry.liveness import Wire, cancel_at_once, tune_socket
+from db_retry.liveness import QUICK, Wire, cancel_at_once, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
     LOST_CONNECTION_SQLSTATES,
@@ -572,6 +574,7 @@ def _install(dialect: Dialect) -> None:
     dialect.do_commit = functools.partial(_do_commit, dialect.do_commit)  # type: ignore[method-assign]
     dialect.do_rollback = functools.partial(_do_rollback, dialect.do_rollback)  # type: ignore[method-assign]
     dialect.do_terminate = functools.partial(_do_terminate, dialect.do_terminate)  # type: ignore[method-assign]
+    dialect.do_close = functools.partial(_do_close, dialect.do_close)  # type: ignore[method-assign]
     dialect._db_retry_installed = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own marker
 
 
@@ -589,9 +592,28 @@ def _do_terminate(original: typing.Callable[[typing.Any], None], dbapi_connectio
     original(dbapi_connection)
 
 
+def _do_close(original: typing.Callable[[typing.Any], None], dbapi_connection: typing.Any) -> None:  # noqa: ANN401
+    """Close a pooled connection (``engine.dispose()``, recycling) in at most 1 s, also on a silent server.
+
+    asyncpg's graceful close (a Terminate message, then waiting for the server to hang up) has no bound
+    under SQLAlchemy's adapter: it is bounded here, and a connection that does not close in time is
+    aborted. psycopg closes at once (libpq's ``PQfinish``).
+    """
+    driver: typing.Any = getattr(dbapi_connection, "driver_connection", None)
+    abort = getattr(driver, "terminate", None)
+    if abort is not None and not inspect.iscoroutinefunction(abort) and in_greenlet():
+        try:
+            await_only(driver.close(timeout=QUICK))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            abort()
+    original(dbapi_connection)
+
+
 def _do_rollback(original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection) -> None:
+    """ROLLBACK (also the pool's reset when a connection is returned): unanswered for 1 s, the connection is cut."""
     state = state_of(connection.info)
-    _waiting(state)
+    if state.wire is not None:
+        state.wire.waiting(QUICK)
     try:
         original(connection)
     finally:

@@ -48,24 +48,34 @@ _ANSWERS: typing.Final = frozenset(b"SNE")  # SSL yes, SSL no, an error: someone
 class Wire:
     """One connection's socket as the watchdog sees it: where it goes, whether it waits, how to cut it at once."""
 
-    __slots__ = ("__weakref__", "abort", "peer", "waiting_since", "watchdog")
+    __slots__ = ("__weakref__", "abort", "cut_at", "peer", "waiting_since", "watchdog")
 
     def __init__(self, peer: Peer, abort: typing.Callable[[], None], watchdog: "Watchdog | None") -> None:
         self.peer = peer
         self.abort = abort
         self.watchdog = watchdog
         self.waiting_since: float | None = None  # monotonic time the client began waiting for the server
+        self.cut_at: float | None = None  # a quick command (ROLLBACK) unanswered by then is cut without a probe
         if watchdog is not None:
             watchdog.wires.add(self)
 
-    def waiting(self) -> None:
-        """The client sends something and waits for the answer (a statement, COMMIT, ROLLBACK)."""
+    def waiting(self, limit: float | None = None) -> None:
+        """The client sends something and waits for the answer (a statement, COMMIT, ROLLBACK).
+
+        ``limit``: a command any server answers at once (ROLLBACK); unanswered after ``limit`` seconds, the
+        connection is cut without a probe (a false alarm costs one reconnect; a silent server, no more).
+        """
         self.waiting_since = now = time.monotonic()
-        if self.watchdog is not None and self.watchdog.timer_at is None:
-            self.watchdog.arm(now + self.watchdog.probe_after)
+        self.cut_at = None if limit is None else now + limit
+        dog = self.watchdog
+        if dog is not None:
+            due = now + dog.probe_after if self.cut_at is None else self.cut_at
+            if dog.timer_at is None or due < dog.timer_at:
+                dog.arm(due)
 
     def answered(self) -> None:
         self.waiting_since = None
+        self.cut_at = None
 
 
 def _transport_of(driver: typing.Any) -> asyncio.Transport | None:  # noqa: ANN401 - any driver's connection
@@ -171,22 +181,35 @@ class Watchdog:
         self.probe_timeout = settings.probe_timeout
         self.wires: weakref.WeakSet[Wire] = weakref.WeakSet()
         self.timer_at: float | None = None  # monotonic time the pending timer fires
+        self.generation = 0  # the pending timer's; an earlier timer supersedes a later one
         self.probing = False  # a probe task runs (held by _PROBES, never here: a task references its loop)
         self.alive: dict[Peer, float] = {}  # when each server last answered a probe
 
     def arm(self, at: float) -> None:
-        """Look again at (monotonic) time ``at``."""
+        """Look again at (monotonic) time ``at`` (the timer set before, if any, then does nothing)."""
         self.timer_at = at
-        asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._look)
+        self.generation += 1
+        asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._look, self.generation)
 
-    def _look(self) -> None:
+    def _look(self, generation: int) -> None:
+        if generation != self.generation:
+            return  # superseded by an earlier timer
         self.timer_at = None
         now = time.monotonic()
         waits = [(wire, since) for wire in list(self.wires) if (since := wire.waiting_since) is not None]
         if not waits:
             return  # nothing waits: no timer until something does
         stuck: dict[Peer, list[Wire]] = {}
+        dues: list[float] = []
         for wire, since in waits:
+            if wire.cut_at is not None:
+                if now >= wire.cut_at:
+                    logger.info("%s:%s did not answer a ROLLBACK in time; cutting the connection", *wire.peer)
+                    wire.abort()
+                else:
+                    dues.append(wire.cut_at)
+                continue
+            dues.append(since + self.probe_after)
             if now - since >= self.probe_after and now - self.alive.get(wire.peer, -math.inf) >= self.probe_after:
                 stuck.setdefault(wire.peer, []).append(wire)
         if stuck and not self.probing:
@@ -194,8 +217,8 @@ class Watchdog:
             task = asyncio.get_running_loop().create_task(self._probe(stuck), name="db-retry probe")
             _PROBES.add(task)
             task.add_done_callback(self._probed)  # also when cancelled before its first step
-        oldest = min(since for _, since in waits)
-        self.arm(max(oldest + self.probe_after, now + self.probe_after / 2))
+        if dues:
+            self.arm(max(min(dues), now + min(self.probe_after, QUICK) / 2))
 
     def _probed(self, task: "asyncio.Task[None]") -> None:
         _PROBES.discard(task)
@@ -218,6 +241,7 @@ class Watchdog:
                 wire.abort()
 
 
+QUICK: typing.Final = 1.0  # seconds a ROLLBACK may go unanswered before its connection is cut
 _PROBES: set["asyncio.Task[None]"] = set()  # running probes (the loop itself keeps only weak references)
 _WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
 

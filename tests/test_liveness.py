@@ -157,3 +157,35 @@ async def test_psycopg_connections_let_a_cancellation_go_on_at_once(pg_cluster: 
             assert connection.invalidated  # SQLAlchemy discards it; psycopg closed it at once
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_closing_never_hangs_on_a_silent_server(pg_cluster: PostgresCluster, driver: str) -> None:
+    # Returning a connection to the pool rolls it back: on a silent server that ROLLBACK is cut after 1 s
+    # (any server answers it at once), not left to the watchdog's probe. Disposing the engine then closes
+    # the pooled connections without waiting on the dead sockets. (The bounds below are safety nets, far
+    # under what the watchdog alone would take.)
+    primary = pg_cluster.primary
+    async with TcpProxy(primary.host, primary.port) as proxy:
+        engine = create_async_engine(sa.make_url(primary.dsn(driver=driver)).set(host=proxy.host, port=proxy.port))
+        barrier = asyncio.Barrier(3)
+
+        async def hold() -> None:
+            async with engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+                await barrier.wait()
+
+        try:
+            await asyncio.gather(*(hold() for _ in range(3)))  # three idle connections in the pool
+            async with asyncio.timeout(3.5):
+                with pytest.raises(sa.exc.DBAPIError) as caught:  # the block's ROLLBACK: lost
+                    async with engine.connect() as connection:
+                        await connection.execute(sa.text("SELECT 1"))
+                        proxy.hang()
+            assert classify(caught.value) is ErrorKind.OUTAGE
+            assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+            async with asyncio.timeout(3.5):
+                await engine.dispose()
+        finally:
+            proxy.pass_through()
+            await engine.dispose()
