@@ -43,6 +43,10 @@ soak examples="1000":
 bench:
     "{{ bin }}/python" benchmarks/run.py
 
+# Liveness benchmark (benchmarks/README.md): detection time per silent fault, cost of deadline=, happy path; root.
+bench-liveness *args:
+    "{{ bin }}/python" benchmarks/liveness.py {{ args }}
+
 # Start a throwaway cluster and run the main job against it while injecting faults.
 demo:
     "{{ bin }}/db-retry" demo
