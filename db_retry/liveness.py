@@ -90,8 +90,8 @@ def tune_socket(dbapi_connection: typing.Any, settings: "RetrySettings") -> Wire
     transport = _transport_of(driver)
     if transport is not None:  # asyncpg
         sock = transport.get_extra_info("socket")
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):  # pragma: no cover - a Unix socket
+            return None  # (the kit's servers listen on TCP only: unix_socket_directories is empty)
         _tune(sock, settings)
         return Wire(_peer(sock.getpeername()), transport.abort, watchdog(settings))
     pgconn = getattr(driver, "pgconn", None)
@@ -99,7 +99,7 @@ def tune_socket(dbapi_connection: typing.Any, settings: "RetrySettings") -> Wire
         return None
     descriptor = pgconn.socket  # psycopg 3: libpq's socket; a duplicate of it is the same socket
     with socket.socket(fileno=os.dup(descriptor)) as sock:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):  # pragma: no cover - a Unix socket, as above
             return None
         _tune(sock, settings)
         ends = (sock.getsockname(), sock.getpeername())
@@ -152,18 +152,17 @@ def _tune(sock: socket.socket, settings: "RetrySettings") -> None:
 
 async def probe(peer: Peer, timeout: float) -> bool:
     """Whether something at ``peer`` answers PostgreSQL's first message within ``timeout`` seconds."""
-    writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(*peer)
-            writer.write(_SSL_REQUEST)
-            await writer.drain()
-            answer = await reader.read(1)
+            try:
+                writer.write(_SSL_REQUEST)
+                await writer.drain()
+                answer = await reader.read(1)
+            finally:
+                writer.transport.abort()  # no goodbye: the peer may be the silent one
     except (OSError, TimeoutError):
         return False
-    finally:
-        if writer is not None:
-            writer.transport.abort()  # no goodbye: the peer may be the silent one
     return bool(answer) and answer[0] in _ANSWERS
 
 
@@ -226,19 +225,22 @@ class Watchdog:
 
     async def _probe(self, stuck: dict[Peer, list[Wire]]) -> None:
         for peer, wires in stuck.items():
-            if await probe(peer, self.probe_timeout):
-                self.alive[peer] = time.monotonic()  # its long queries go on
-                continue
-            cut = [wire for wire in wires if wire.waiting_since is not None]
-            logger.warning(
-                "%s:%s did not answer a probe within %gs; cutting %d connection(s) waiting on it",
-                *peer,
-                self.probe_timeout,
-                len(cut),
-                extra={"db_retry_peer": f"{peer[0]}:{peer[1]}"},
-            )
-            for wire in cut:
-                wire.abort()
+            self._judge(peer, wires, answered=await probe(peer, self.probe_timeout))
+
+    def _judge(self, peer: Peer, wires: list[Wire], *, answered: bool) -> None:
+        if answered:
+            self.alive[peer] = time.monotonic()  # its long queries go on
+            return
+        cut = [wire for wire in wires if wire.waiting_since is not None]
+        logger.warning(
+            "%s:%s did not answer a probe within %gs; cutting %d connection(s) waiting on it",
+            *peer,
+            self.probe_timeout,
+            len(cut),
+            extra={"db_retry_peer": f"{peer[0]}:{peer[1]}"},
+        )
+        for wire in cut:
+            wire.abort()
 
 
 QUICK: typing.Final = 1.0  # seconds a ROLLBACK may go unanswered before its connection is cut
@@ -252,7 +254,7 @@ def watchdog(settings: "RetrySettings") -> Watchdog | None:
         return None
     try:
         loop = asyncio.get_running_loop()
-    except RuntimeError:  # pragma: no cover - a sync engine: no loop to watch from
+    except RuntimeError:  # a sync engine: no loop to watch from
         return None
     found = _WATCHDOGS.get(loop)
     if found is None or (found.probe_after, found.probe_timeout) != (settings.probe_after, settings.probe_timeout):

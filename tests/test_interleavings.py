@@ -16,7 +16,14 @@ import tenacity
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry import CommitOutcomeUnknownError, RetryEvent, postgres_retry
-from db_retry.engine import RESOLVE_OPTION, CommitNotAppliedError, ServerNotAnsweringError
+from db_retry.engine import (
+    RESOLVE_OPTION,
+    STATE,
+    CommitNotAppliedError,
+    ConnectionState,
+    ServerNotAnsweringError,
+    transaction_failed,
+)
 from db_retry.retriable import ErrorKind, classify, sqlstate_on_chain
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.cluster import free_port
@@ -584,3 +591,34 @@ async def test_a_new_connection_that_no_server_answers_is_unavailable(node: Post
         finally:
             await engine.dispose()
     assert classify(caught.value) is ErrorKind.UNAVAILABLE
+    assert "did not answer its first query" in str(caught.value)
+
+
+async def test_a_connection_made_before_db_retry_was_imported_gets_its_state(pg_cluster: PostgresCluster) -> None:
+    # The pool's connect event gives each new connection its state; one made before the listeners were
+    # installed gets it the first time a listener needs it.
+    engine = _engine(pg_cluster.primary, "asyncpg", pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            del (await connection.get_raw_connection()).info[STATE]
+            await connection.execute(sa.text("SELECT 1"))
+            assert isinstance((await connection.get_raw_connection()).info[STATE], ConnectionState)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_client_side_error_does_not_mark_the_transaction_failed(pg_cluster: PostgresCluster) -> None:
+    # psycopg refuses the statement itself (a placeholder without a parameter): it never reached the
+    # server, whose transaction goes on. Only an error the server reported (a SQLSTATE) or a lost
+    # connection marks the transaction as one that cannot continue.
+    engine = _engine(pg_cluster.primary, "psycopg", pool_size=1)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("SELECT 1"))
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                await connection.exec_driver_sql("SELECT %s::int", ())
+            assert sqlstate_on_chain(caught.value) is None
+            assert not transaction_failed(connection.sync_connection)  # type: ignore[arg-type]
+            assert (await connection.execute(sa.text("SELECT 2"))).scalar_one() == 2  # it did go on
+    finally:
+        await engine.dispose()

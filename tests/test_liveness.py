@@ -13,9 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from db_retry import build_connection_factory, postgres_retry
+from db_retry import build_connection_factory, liveness, postgres_retry
 from db_retry.liveness import _transport_of, probe
 from db_retry.retriable import ErrorKind, classify
+from db_retry.settings import get_settings
 from db_retry.testing import PostgresCluster
 from db_retry.testing.cluster import free_port
 from db_retry.testing.proxy import TcpProxy
@@ -77,6 +78,8 @@ async def test_keepalives_follow_the_settings_and_can_be_turned_off(
         await engine.dispose()
         monkeypatch.setenv("DB_RETRY_KEEPALIVE_IDLE", "0")
         assert (await _socket_options(engine))[0] == 0
+        monkeypatch.setenv("DB_RETRY_PROBE_AFTER", "0")
+        assert liveness.watchdog(get_settings()) is None  # the watchdog is off too
     finally:
         await engine.dispose()
 
@@ -143,8 +146,6 @@ async def test_psycopg_connections_let_a_cancellation_go_on_at_once(pg_cluster: 
     # The one private name db-retry replaces on a psycopg connection: this fails loudly if psycopg renames it.
     import psycopg  # noqa: PLC0415 - the optional driver
 
-    from db_retry import liveness  # noqa: PLC0415
-
     assert hasattr(psycopg.AsyncConnection, "_try_cancel")
     engine = create_async_engine(pg_cluster.primary.dsn(driver="psycopg"))
     try:
@@ -189,3 +190,61 @@ async def test_closing_never_hangs_on_a_silent_server(pg_cluster: PostgresCluste
         finally:
             proxy.pass_through()
             await engine.dispose()
+
+
+async def test_the_watchdog_cuts_the_waits_on_a_silent_server_and_spares_an_answering_one(
+    pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watchdog's own steps, driven directly (the end-to-end cuts are proven above): which wires it
+    # cuts, and that a server which answered is left alone for probe_after seconds.
+    monkeypatch.setenv("DB_RETRY_PROBE_AFTER", "0.2")
+    monkeypatch.setenv("DB_RETRY_PROBE_TIMEOUT", "0.3")
+    primary = pg_cluster.primary
+    healthy = (primary.host, primary.port)
+    cut: list[str] = []
+    async with TcpProxy(primary.host, primary.port) as proxy:
+        proxy.hang()
+        silent = (proxy.host, proxy.port)
+        dog = liveness.Watchdog(get_settings())
+        waiting_on_silent = liveness.Wire(silent, lambda: cut.append("silent"), dog)
+        waiting_on_healthy = liveness.Wire(healthy, lambda: cut.append("healthy"), dog)
+        answered = liveness.Wire(silent, lambda: cut.append("answered"), dog)
+        waiting_on_silent.waiting()
+        waiting_on_healthy.waiting()
+        answered.waiting()
+        answered.answered()
+        await dog._probe({silent: [waiting_on_silent, answered], healthy: [waiting_on_healthy]})
+        assert cut == ["silent"]
+        assert healthy in dog.alive
+        # A ROLLBACK unanswered past its limit is cut at the next look, without a probe.
+        quick = liveness.Wire(healthy, lambda: cut.append("quick"), dog)
+        quick.waiting(limit=0.0)
+        dog._look(dog.generation)
+        assert cut == ["silent", "quick"]
+        dog._look(dog.generation - 1)  # a superseded timer does nothing
+        for wire in (waiting_on_silent, waiting_on_healthy, quick):
+            wire.answered()
+        dog._look(dog.generation)  # nothing waits: no timer is set
+        assert dog.timer_at is None
+
+
+def test_a_reused_descriptor_is_never_shut_down() -> None:
+    # The psycopg wire cuts the socket by its descriptor only if it still is the same connection.
+    left, right = socket.socketpair()
+    with left, right:
+        liveness._shutdown(left.fileno(), (("127.0.0.1", 1), ("127.0.0.1", 2)))
+        left.sendall(b"x")
+        assert right.recv(1) == b"x"  # still open both ways
+
+
+def test_a_sync_engine_gets_keepalives_and_a_probed_connection(pg_cluster: PostgresCluster) -> None:
+    # No event loop: keepalives and the first-query probe, no watchdog (the deadline and the watchdog are async).
+    engine = sa.create_engine(pg_cluster.primary.dsn(driver="psycopg"))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT 1")).scalar_one() == 1
+            driver: typing.Any = connection.connection.driver_connection
+            with socket.socket(fileno=os.dup(driver.pgconn.socket)) as sock:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        engine.dispose()
