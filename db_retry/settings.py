@@ -56,7 +56,7 @@ class RetrySettings(BaseSettings):
     )
     outage_timeout: float = pydantic.Field(
         validation_alias="DB_RETRY_OUTAGE_TIMEOUT",
-        default=15.0,
+        default=40.0,
         ge=0,
         description="How long to keep waiting for an unreachable server; those attempts do not count in retries.",
     )

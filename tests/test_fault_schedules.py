@@ -125,7 +125,7 @@ class Schedule:
             return self.cancel_after + 3.0  # enough to tell how late a late cancellation is
         if self.timeout is not None:
             return self.timeout + self.attempt_allowance + 1.0  # past invariant 5's bound
-        return 45.0  # the library's own bounds (DB_RETRY_OUTAGE_TIMEOUT is 15 s) end it well before
+        return 60.0  # the library's own bounds (DB_RETRY_OUTAGE_TIMEOUT is 40 s) end it well before
 
 
 @dataclasses.dataclass

@@ -269,4 +269,5 @@ class Freeze(_SilentFault):
 
     def _pending(self, *, stopped: bool) -> list[int]:
         states = {pid: process_state(pid) for pid in self.stopped}
-        return [pid for pid, state in states.items() if state is not None and (state == "T") is not stopped]
+        # A zombie ("Z": it exited as the freeze began, and its stopped parent cannot reap it) is as good as gone.
+        return [pid for pid, state in states.items() if state not in {None, "Z"} and (state == "T") is not stopped]
