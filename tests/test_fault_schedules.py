@@ -132,6 +132,7 @@ class Schedule:
 class Observation:
     result: str = "not run"  # ok | unknown | cancelled | stuck | error: <class>: <message>
     elapsed: float = 0.0  # seconds from the call to its end
+    loop_lateness: float = 0.0  # how late the event loop ran a timer due when the call was cancelled
     first_failure: float | None = None  # seconds from the call to the first run that failed
     runs: int = 0  # runs of the work (its body started)
     reached: int = 0  # runs whose first statement the server answered (invariant 4 counts these)
@@ -410,6 +411,12 @@ async def _call(
             if schedule.cancel_after is None:
                 await write()
             else:
+                # The loop's own lateness at the moment of cancelling (a busy 2-core machine, the coverage tracer)
+                # is not the library's: measured by a timer due at the same moment, and allowed for.
+                due = started[0] + schedule.cancel_after
+                asyncio.get_running_loop().call_later(
+                    schedule.cancel_after, lambda: setattr(observation, "loop_lateness", time.monotonic() - due)
+                )
                 async with asyncio.timeout(schedule.cancel_after) as cancel:
                     await write()
     except CommitOutcomeUnknownError:
@@ -544,7 +551,7 @@ def _check(schedule: Schedule, observed: Observation) -> None:
         assert observed.rows == 0, f"invariant 2 (an error, yet committed): {observed.rows} rows{where}"
     if schedule.cancel_after is not None:
         overshoot = observed.elapsed - schedule.cancel_after
-        assert observed.elapsed <= schedule.cancel_after + CANCEL_SLACK, (
+        assert observed.elapsed <= schedule.cancel_after + observed.loop_lateness + CANCEL_SLACK, (
             f"invariant 3 (cancellation reaches the caller): ended {overshoot:.3f}s after asyncio.timeout"
             f"({schedule.cancel_after}){' (only the second cancellation ended it)' * (observed.result == 'stuck')}"
             f"{where}"
