@@ -234,6 +234,7 @@ class ConnectionState:
     failed_in: "weakref.ref[sa.RootTransaction | sa.NestedTransaction] | None" = None  # aborted by a server error
     pool: "weakref.ref[sa.pool.Pool] | None" = None  # the engine's pool at the last COMMIT: resolution connects there
     wire: Wire | None = None  # the TCP socket, as the liveness watchdog sees it (None: not TCP)
+    role: typing.Callable[[], bool | None] | None = None  # reads what the server reports of its role
     read_only_at_begin: bool | None = None  # what the node said of itself when the transaction began
 
 
@@ -266,6 +267,7 @@ def _on_connect(
     state = record.info[STATE] = ConnectionState()
     try:
         state.wire = tune_socket(dbapi_connection, get_settings())
+        state.role = _role_reader(dbapi_connection)
         cancel_at_once(dbapi_connection)
         _waiting(state)
         _probe(dbapi_connection)
@@ -341,7 +343,7 @@ def _on_begin(connection: sa.Connection) -> None:
     state.phase = Phase.IN_TRANSACTION
     state.notified = False
     state.failed_in = None
-    state.read_only_at_begin = _node_reports_read_only(connection)
+    state.read_only_at_begin = _node_reports_read_only(state)
     _install(connection.engine.dialect)
     if _wants_resolution(connection):
         _install_resolution(connection.engine)
@@ -480,10 +482,10 @@ def _statement_failed(
         _mark(context, ErrorKind.OUTAGE)  # the statement was never sent; another connection will do
         return None
     if _is_node_role_error(code, error):
-        _node_role_failed(context, connection, state)
+        _node_role_failed(context, state)
         return None
     lost = context.is_disconnect or code in LOST_CONNECTION_SQLSTATES or classify(error) is ErrorKind.AMBIGUOUS
-    if lost and _autocommit(connection) and not _node_reports_read_only(connection):
+    if lost and _autocommit(connection) and not _node_reports_read_only(state):
         # In autocommit the statement was its own transaction: the server may have committed it.
         return CommitOutcomeUnknownError(
             context.statement,
@@ -499,8 +501,8 @@ def _autocommit(connection: sa.Connection) -> bool:
     return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
 
 
-def _node_role_failed(context: ExceptionContext, connection: sa.Connection, state: ConnectionState) -> None:
-    now = _node_reports_read_only(connection)
+def _node_role_failed(context: ExceptionContext, state: ConnectionState) -> None:
+    now = _node_reports_read_only(state)
     if now is False and state.read_only_at_begin is False:
         # The node took writes when the transaction began and still does: the caller's own READ ONLY
         # transaction refused the write. Not transient. (A node that was read-only at BEGIN and is
@@ -520,22 +522,36 @@ def _is_node_role_error(code: str | None, error: BaseException) -> bool:
     return code == FEATURE_NOT_SUPPORTED and any(text in str(error) for text in _STANDBY_REFUSALS)
 
 
-def _node_reports_read_only(connection: sa.Connection) -> bool | None:
+def _node_reports_read_only(state: ConnectionState) -> bool | None:
     """Whether the server said (ParameterStatus, PostgreSQL 14+) it is a standby or read-only; None: unknown.
 
-    Read from what the drivers keep of the server's reports: no round trip.
+    Read from what the driver keeps of the server's reports (no round trip), through the reader the
+    pool's ``connect`` event made for this connection.
     """
-    driver: typing.Any = connection.connection.driver_connection
+    return state.role() if state.role is not None else None
+
+
+def _role_reader(dbapi_connection: typing.Any) -> typing.Callable[[], bool | None] | None:  # noqa: ANN401
+    """What the server reports of its role, read from the driver's own copy of ParameterStatus.
+
+    Made once per connection (at a BEGIN it costs two lookups): asyncpg keeps one settings object per
+    connection and updates it in place; psycopg asks libpq (``PQparameterStatus``).
+    """
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     if hasattr(driver, "get_settings"):  # asyncpg
         settings = driver.get_settings()
-        values = [getattr(settings, name, None) for name in _ROLE_PARAMETERS]
-    elif hasattr(getattr(driver, "info", None), "parameter_status"):  # psycopg 3
-        values = [driver.info.parameter_status(name) for name in _ROLE_PARAMETERS]
-    else:  # pragma: no cover - another driver
-        return None
+        return lambda: _says_read_only([getattr(settings, name, None) for name in _ROLE_PARAMETERS])
+    pgconn = getattr(driver, "pgconn", None)
+    if pgconn is not None:  # psycopg 3
+        names = [name.encode() for name in _ROLE_PARAMETERS]
+        return lambda: _says_read_only([pgconn.parameter_status(name) for name in names])
+    return None  # pragma: no cover - another driver
+
+
+def _says_read_only(values: list[typing.Any]) -> bool | None:
     if all(value is None for value in values):
         return None  # pragma: no cover - a server before PostgreSQL 14 (the suite runs 15)
-    return "on" in values
+    return any(value in {"on", b"on"} for value in values)
 
 
 # -- resolving a lost COMMIT ----------------------------------------------------------------------------
