@@ -453,6 +453,8 @@ def _commit_failed(context: ExceptionContext, state: ConnectionState, error: Exc
         verdict = Verdict(applied=False, reason=f"COMMIT was never sent ({type(error).__name__})")
     elif not _commit_lost(context, error):
         return None  # the server answered: the COMMIT definitely failed
+    if leaves_connection_unusable(error):
+        context.is_disconnect = True  # whatever the COMMIT did, that connection cannot be used again
     error_class = (
         CommitNotAppliedError if verdict is not None and verdict.applied is False else CommitOutcomeUnknownError
     )

@@ -20,6 +20,7 @@ running the work again could apply it twice. ``architecture/retriable.md`` has t
 import collections.abc
 import dataclasses
 import enum
+import re
 import typing
 
 import asyncpg
@@ -102,6 +103,7 @@ _LOST_MESSAGES: typing.Final = (
     "terminating connection",
 )
 _NOT_SENT_MESSAGES: typing.Final = ("cannot switch to state", "another operation is in progress")
+_RESULTS_OUT_OF_STEP: typing.Final = re.compile(r"received \d+ results from command")
 
 _MAX_CHAIN: typing.Final = 64
 RETRIED_KINDS: typing.Final = frozenset({ErrorKind.CONFLICT, ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE})
@@ -115,9 +117,19 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return code if isinstance(code, str) and len(code) == 5 else None  # noqa: PLR2004 - SQLSTATEs are 5 chars
 
 
-def _is_psycopg_operational_error(exc: BaseException) -> bool:
+def _is_psycopg_error(exc: BaseException, name: str = "OperationalError") -> bool:
     # By name: psycopg is optional, and its errors arrive raw as well as wrapped by SQLAlchemy.
-    return any(f"{cls.__module__}.{cls.__qualname__}" == "psycopg.OperationalError" for cls in type(exc).__mro__)
+    return any(f"{cls.__module__}.{cls.__qualname__}" == f"psycopg.{name}" for cls in type(exc).__mro__)
+
+
+def _psycopg_out_of_step(exc: BaseException) -> bool:
+    """Psycopg read more results than the command it sent has: something else answered first on the socket.
+
+    Seen behind PgBouncer while its server restarts: an error it sent on an idle client connection is read
+    as the first result of the next command (``received 2 results from command 'BEGIN ...'``). Nothing of
+    that command can be trusted; the connection cannot be used again.
+    """
+    return _is_psycopg_error(exc, "InternalError") and _RESULTS_OUT_OF_STEP.match(_message(exc)) is not None
 
 
 def _message(exc: BaseException) -> str:
@@ -129,13 +141,13 @@ def _message(exc: BaseException) -> str:
 
 
 def _psycopg_connect_failed(exc: BaseException) -> bool:
-    return _is_psycopg_operational_error(exc) and (
+    return _is_psycopg_error(exc) and (
         _message(exc).startswith(_CONNECT_FAILED_MESSAGES) or type(exc).__name__ == "ConnectionTimeout"
     )
 
 
 def _psycopg_lost(exc: BaseException) -> bool:
-    return _is_psycopg_operational_error(exc) and any(text in _message(exc) for text in _LOST_MESSAGES)
+    return _is_psycopg_error(exc) and any(text in _message(exc) for text in _LOST_MESSAGES)
 
 
 def _asyncpg_state_broke(exc: BaseException) -> bool:
@@ -154,6 +166,7 @@ DRIVER_RULES: typing.Final[tuple[tuple[typing.Callable[[BaseException], bool], R
         Rule(_OUTAGE, "asyncpg: the connection was closed under the work"),
     ),
     (_psycopg_connect_failed, Rule(_UNAVAILABLE, "psycopg: raised by connect, the work never started")),
+    (_psycopg_out_of_step, Rule(_OUTAGE, "psycopg read another command's results: the connection is unusable")),
     (_psycopg_lost, Rule(_OUTAGE, "psycopg: the connection was lost under the work")),
     (
         lambda exc: isinstance(exc, ConnectionError),
@@ -277,7 +290,7 @@ def leaves_connection_unusable(exc: BaseException) -> bool:
     (``25P01`` outside a transaction block) or is refused as a nested transaction.
     """
     for link in _chain(exc):
-        if _asyncpg_state_broke(link):
+        if _asyncpg_state_broke(link) or _psycopg_out_of_step(link):
             return True
         if isinstance(link, asyncpg.InterfaceError) and "nested transaction has a different" in _message(link):
             return True

@@ -266,3 +266,17 @@ def test_asyncpg_holding_a_failed_begin_leaves_its_connection_unusable() -> None
         _wrapped_by_sqlalchemy(asyncpg.NoActiveSQLTransactionError("SAVEPOINT can only be used in transaction blocks")),
     )
     assert not leaves_connection_unusable(asyncpg.NoActiveSQLTransactionError("there is no transaction in progress"))
+
+
+def test_psycopg_reading_another_commands_results_is_a_lost_connection() -> None:
+    # What psycopg raises when a result it did not ask for comes first (PgBouncer's error on an idle client
+    # connection while its server restarts, read as the first result of the next BEGIN): built by hand, as
+    # no server sends it on demand; the PgBouncer proof meets it for real.
+    import psycopg  # noqa: PLC0415 - the optional driver
+
+    out_of_step = psycopg.InternalError("received 2 results from command 'BEGIN ISOLATION LEVEL READ COMMITTED'")
+    assert classify(out_of_step) is ErrorKind.OUTAGE
+    assert leaves_connection_unusable(out_of_step)
+    other = psycopg.InternalError("something else")
+    assert classify(other) is None
+    assert not leaves_connection_unusable(other)
