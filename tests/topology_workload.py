@@ -20,6 +20,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from db_retry import postgres_retry
 from db_retry.demo import InvariantReport, TransferWorkload, check_invariants
 from db_retry.retriable import sqlstate_on_chain
 
@@ -177,9 +178,11 @@ class TopologyRun:
             if len(points) > 1:
                 record.window = max(later - earlier for earlier, later in itertools.pairwise(points))
         engine = next(iter(self.engines.values()))
-        invariants = [await check_invariants(engine, workload) for workload in self.workloads.values()]
-        async with engine.connect() as connection:
-            applied = set((await connection.execute(sa.text("SELECT transfer_id FROM ledger"))).scalars())
+        # Read through postgres_retry, as the demo does: a pooled connection may still be one the last fault
+        # closed (PgBouncer's restart), and the check itself must not fail on it.
+        check = postgres_retry(check_invariants)
+        invariants = [await check(engine, workload) for workload in self.workloads.values()]
+        applied = await postgres_retry(_applied)(engine)
         lost = lost_to_replication = 0
         # Under asynchronous replication a commit acknowledged by the old primary at any time before an
         # unplanned failover may be missing from the new one (how far back depends on the replication lag),
@@ -240,3 +243,9 @@ def assert_holds(report: TopologyReport, *, replication_loss_allowed: bool = Fal
         assert report.lost_to_replication == 0, text
     assert all(count > 0 for count in report.by_kind.values()), text
     assert all(fault.window is not None for fault in report.faults), text
+
+
+async def _applied(engine: AsyncEngine) -> set[uuid.UUID]:
+    """The transfer ids the ledger holds."""
+    async with engine.connect() as connection:
+        return set((await connection.execute(sa.text("SELECT transfer_id FROM ledger"))).scalars())
