@@ -273,7 +273,10 @@ def _on_connect(
         _probe(dbapi_connection)
         _answered(state)
     except BaseException as exc:
-        _discard(dbapi_connection)  # SQLAlchemy drops a record whose connect event failed without closing it
+        _discard(dbapi_connection)  # SQLAlchemy does not close a connection whose connect event failed
+        # ... and a record that was reconnecting would keep it and hand it out, closed, at its next
+        # checkout: the record lets it go (the next checkout connects afresh).
+        record.dbapi_connection = None  # type: ignore[misc]
         if not isinstance(exc, Exception):
             raise  # the caller's cancellation, as it is
         raise ServerNotAnsweringError(_PROBE, None, exc, hide_parameters=True) from exc

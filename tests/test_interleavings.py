@@ -594,6 +594,26 @@ async def test_a_new_connection_that_no_server_answers_is_unavailable(node: Post
     assert "did not answer its first query" in str(caught.value)
 
 
+async def test_a_record_whose_reconnect_no_server_answered_connects_afresh(node: PostgresNode) -> None:
+    # A pooled record reconnects after its connection was invalidated; its first query is cut (no server
+    # answers). SQLAlchemy would keep the closed connection on the record and hand it out next time
+    # ("connection is closed", a counted attempt each time, pool after pool of them after a restart).
+    async with TcpProxy(node.host, node.port) as proxy:
+        engine = _engine(node, "asyncpg", through=proxy, pool_size=1, max_overflow=0)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+                await connection.invalidate()  # the record reconnects at its next checkout
+            proxy.cut_after(query_starts_with("SELECT 1"))  # that reconnect's first query
+            with pytest.raises(ServerNotAnsweringError):
+                async with engine.connect():
+                    pass  # pragma: no cover - the connect fails
+            async with engine.connect() as connection:
+                assert (await connection.execute(sa.text("SELECT 2"))).scalar_one() == 2
+        finally:
+            await engine.dispose()
+
+
 async def test_a_connection_made_before_db_retry_was_imported_gets_its_state(pg_cluster: PostgresCluster) -> None:
     # The pool's connect event gives each new connection its state; one made before the listeners were
     # installed gets it the first time a listener needs it.
