@@ -365,11 +365,19 @@ def _limit_server_time(connection: sa.Connection, deadline: CallDeadline) -> Non
         return
     left = f"{max(1, int((deadline.at - asyncio.get_running_loop().time()) * 1000))}ms"
     parameters: typing.Any = (left,) if connection.dialect.positional else {"ms": left}
-    cursor = connection.connection.cursor()
+    dbapi_connection = connection.connection
     try:
-        cursor.execute(statement, parameters)
-    finally:
-        cursor.close()
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement, parameters)
+        finally:
+            cursor.close()
+    except Exception as exc:
+        # SQLAlchemy does not handle errors raised in its begin event: left alone, a connection the server
+        # closed would go back to the pool and be handed out again and again. It is discarded here; the
+        # error (a lost connection) propagates to the retry.
+        dbapi_connection.invalidate(exc)
+        raise
 
 
 @event.listens_for(sa.engine.Engine, "commit")

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from db_retry import CommitOutcomeUnknownError, Transaction, postgres_retry
-from db_retry.testing import PostgresCluster, PostgresNode
+from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.cluster import free_port
 from db_retry.testing.proxy import FrontendMessage, TcpProxy, query_starts_with
 
@@ -203,3 +203,28 @@ def test_a_bad_deadline_is_refused_at_decoration(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("DB_RETRY_DEADLINE", "soon")
     with pytest.raises(ValueError, match="DB_RETRY_DEADLINE='soon'"):
         postgres_retry(retries=2)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_pooled_connection_the_server_closed_is_not_handed_out_again_under_a_deadline(
+    node: PostgresNode, driver: str
+) -> None:
+    # The server-side limits are set at BEGIN, in SQLAlchemy's begin event, whose errors SQLAlchemy does not
+    # handle: a pooled connection the server had closed went back to the pool there and failed every call
+    # after it (thousands in the chaos run). Every call here must succeed.
+    engine = _engine(node, driver)
+
+    @postgres_retry(deadline=10)
+    async def pay() -> None:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("INSERT INTO ledger VALUES (:key)"), {"key": uuid.uuid4()})
+
+    try:
+        for _ in range(3):
+            await pay()  # a warm pool
+        await faults.terminate_backends(node)  # every pooled connection is closed by the server
+        for _ in range(6):
+            await pay()
+    finally:
+        await engine.dispose()
+    assert await node.fetchval("SELECT count(*) FROM ledger") == 9
