@@ -228,3 +228,27 @@ async def test_a_pooled_connection_the_server_closed_is_not_handed_out_again_und
     finally:
         await engine.dispose()
     assert await node.fetchval("SELECT count(*) FROM ledger") == 9
+
+
+async def test_a_cancellation_during_commit_or_the_first_query_of_a_connection_reaches_the_caller(
+    node: PostgresNode,
+) -> None:
+    # Without a deadline: the caller's own timeout strikes while COMMIT waits on a silent proxy, then while a
+    # new connection's first query (the probe of the pool's connect event) does; both end as cancellations.
+    async with TcpProxy(node.host, node.port) as proxy:
+        engine = _engine(node, "asyncpg", through=proxy)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1):
+                    async with engine.begin() as connection:
+                        await connection.execute(sa.text("INSERT INTO ledger VALUES (:key)"), {"key": uuid.uuid4()})
+                        proxy.cut_after(_hang_once_it_runs(proxy, "COMMIT"), once=False)
+            proxy.pass_through()
+            await engine.dispose()
+            proxy.cut_after(_hang_once_it_runs(proxy, "SELECT 1"), once=False)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1), engine.connect():
+                    pass  # pragma: no cover - the connect never ends
+        finally:
+            proxy.pass_through()
+            await engine.dispose()
