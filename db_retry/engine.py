@@ -309,9 +309,25 @@ def _discard(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver
     with contextlib.suppress(Exception):
         terminate = getattr(dbapi_connection, "terminate", None)
         if terminate is not None:  # SQLAlchemy's async adapters: abort the socket, no goodbye to a silent peer
+            _abort(dbapi_connection)
             terminate()
         else:  # pragma: no cover - sync drivers
             dbapi_connection.close()
+
+
+def _abort(dbapi_connection: typing.Any) -> None:  # noqa: ANN401 - any driver's connection
+    """Abort the driver's socket at once, so that SQLAlchemy's graceful close that follows finds it closed.
+
+    SQLAlchemy's asyncpg adapter closes an invalidated connection gracefully first (up to 2 s, its #10717),
+    and asyncpg before 0.30 makes that close wait, without bound, for a cancel request still in flight:
+    on a silent server, the cancel of an interrupted query never ends. asyncpg's ``terminate()`` aborts
+    the socket synchronously and cancels that request. A psycopg connection has no such method and
+    closes at once anyway (libpq's ``PQfinish``).
+    """
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    abort = getattr(driver, "terminate", None)
+    if abort is not None and not inspect.iscoroutinefunction(abort):
+        abort()
 
 
 def _waiting(state: ConnectionState) -> None:
@@ -608,16 +624,8 @@ def _install(dialect: Dialect) -> None:
 
 
 def _do_terminate(original: typing.Callable[[typing.Any], None], dbapi_connection: typing.Any) -> None:  # noqa: ANN401
-    """Drop an invalidated connection's socket at once; then SQLAlchemy's own terminate.
-
-    SQLAlchemy's asyncpg adapter first tries a graceful close of up to 2 s (its #10717): on a silent
-    server that is 2 s more for a caller whose call was cancelled. asyncpg's ``terminate()`` aborts the
-    socket synchronously; the graceful close that follows finds it closed and returns.
-    """
-    driver = getattr(dbapi_connection, "driver_connection", None)
-    abort = getattr(driver, "terminate", None)
-    if abort is not None and not inspect.iscoroutinefunction(abort):
-        abort()
+    """Drop an invalidated connection's socket at once (``_abort``); then SQLAlchemy's own terminate."""
+    _abort(dbapi_connection)
     original(dbapi_connection)
 
 
