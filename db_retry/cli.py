@@ -1,4 +1,4 @@
-"""The ``db-retry`` command line: ``db-retry check`` and ``db-retry demo``, as plain argparse subparsers."""
+"""The ``db-retry`` command line: ``check``, ``demo`` and ``markers``, as plain argparse subparsers."""
 
 import argparse
 import collections.abc
@@ -7,7 +7,7 @@ import sys
 import textwrap
 import typing
 
-from db_retry import demo, health
+from db_retry import demo, health, markers
 from db_retry.validation import number_argument
 
 
@@ -125,8 +125,52 @@ def _add_demo(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]")
         "(transaction pooling; faults restart-fast, restart-immediate), moving-endpoint (one address that moves "
         "to the promoted standby; fault move); default: %(default)s. --faults defaults to all of the topology's",
     )
+    parser.add_argument(
+        "--markers",
+        choices=demo.MARKER_MODES,
+        default="both",
+        help="which transfers write a commit marker (resolve_commit='marker'), so that a COMMIT lost to a fault is "
+        "resolved by whichever primary answers next: every other worker, side by side with the rest under the same "
+        "faults (both), all (on) or none (off); default: %(default)s. The report counts outcome-unknown transfers "
+        "with markers and without",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (progress goes to stderr)")
     parser.set_defaults(handler=demo.run_demo_command)
+
+
+MARKERS_DESCRIPTION: typing.Final = f"""\
+Manage the commit-marker table that resolve_commit="marker" writes to
+({markers.TABLE}).
+
+  install  create the schema and the table if missing (needs the CREATE
+           privilege on the database); run it once, before the first call
+           with resolve_commit="marker"
+  prune    delete markers older than --retention seconds, in batches; run it
+           from a scheduler at least once per retention, so the table holds
+           at most two retentions' worth of markers
+
+With several hosts in DSN, the one that takes writes is used. Exit status: 0
+when done, 1 when the server refused, 2 on a malformed DSN or bad options."""
+
+
+def _add_markers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = subparsers.add_parser(
+        "markers",
+        help="install or prune the commit-marker table of resolve_commit='marker'",
+        description=MARKERS_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("action", choices=("install", "prune"), help="what to do")
+    parser.add_argument("dsn", metavar="DSN", help="a PostgreSQL URL or libpq connection string, one host or several")
+    parser.add_argument(
+        "--retention",
+        type=number_argument(unit="seconds"),
+        default=markers.DEFAULT_RETENTION,
+        metavar="S",
+        help="prune: keep markers younger than this, in seconds (default: %(default)g); it must be longer than "
+        "DB_RETRY_OUTAGE_TIMEOUT, the time a lost COMMIT is resolved within",
+    )
+    parser.set_defaults(handler=markers.run_markers_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_check(subparsers)
     _add_demo(subparsers)
+    _add_markers(subparsers)
     return parser
 
 

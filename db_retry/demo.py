@@ -26,6 +26,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from db_retry import markers
 from db_retry.retriable import ErrorKind, sqlstate_on_chain
 from db_retry.retry import RetryEvent, postgres_retry
 from db_retry.testing._binaries import MissingComponentError, PostgresBinariesNotFoundError
@@ -43,6 +44,9 @@ INTERRUPTED: typing.Final = 130  # the shell's status for a command ended by SIG
 DEFAULT_WORKERS: typing.Final = 8
 # Each transfer is bounded as a request handler would bound it: attempts, waits and silent servers included.
 CALL_DEADLINE: typing.Final = 25.0
+# Which transfers write a commit marker (resolve_commit="marker"): every other worker ("both": side by side under
+# the same faults), all of them, or none (0.8.4's behaviour: a lost COMMIT is outcome-unknown).
+MARKER_MODES: typing.Final = ("both", "on", "off")
 DEFAULT_ACCOUNTS: typing.Final = 5_000  # spread over many index pages: SSI locks btree pages, not rows
 # What the retry counts are keyed by: the SQLSTATE of the error, or, when it carries none, the kind of failure.
 RETRY_CAUSES: typing.Final[typing.Mapping[str, str]] = {
@@ -83,6 +87,7 @@ class DemoConfig:
     faults: tuple[str, ...] = FAULTS  # for another topology, the default stands for all of that topology's
     progress_interval: float = 1.0
     topology: str = "kit"
+    markers: str = "both"
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGY_FAULTS:
@@ -94,6 +99,9 @@ class DemoConfig:
         unknown = sorted(set(self.faults) - set(allowed))
         if unknown:
             msg = f"unknown fault(s) {', '.join(unknown)} ({self.topology} topology); choose from {', '.join(allowed)}"
+            raise ValueError(msg)
+        if self.markers not in MARKER_MODES:
+            msg = f"unknown markers mode {self.markers!r}; choose from {', '.join(MARKER_MODES)}"
             raise ValueError(msg)
         check_number("duration", self.duration, unit="seconds")
         check_number("workers", self.workers, minimum=1, inclusive=True, integer=True)
@@ -115,6 +123,15 @@ class Outcomes:
     unknown: set[uuid.UUID] = dataclasses.field(default_factory=set)
     retries: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     commit_times: list[float] = dataclasses.field(default_factory=list)
+    marked: set[uuid.UUID] = dataclasses.field(default_factory=set)  # transfers made with a commit marker
+
+    def unknown_by_group(self) -> dict[str, tuple[int, int]]:
+        """Outcome-unknown and all transfers, with markers and without."""
+        every = self.ok | set(self.failed) | self.unknown
+        return {
+            "with markers": (len(self.unknown & self.marked), len(every & self.marked)),
+            "without markers": (len(self.unknown - self.marked), len(every - self.marked)),
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +169,10 @@ class DemoReport:
                 "ok": len(self.outcomes.ok),
                 "failed": len(self.outcomes.failed),
                 "outcome_unknown": len(self.outcomes.unknown),
+                "outcome_unknown_by_group": {
+                    group: {"unknown": unknown, "transfers": total}
+                    for group, (unknown, total) in self.outcomes.unknown_by_group().items()
+                },
             },
             "failures": collections.Counter(self.outcomes.failed.values()),
             "retries": dict(self.outcomes.retries),
@@ -170,12 +191,22 @@ def _rounded(value: float | None) -> float | None:
 class TransferWorkload:
     """Concurrent transfers between ``accounts`` accounts; every outcome the callers saw is recorded."""
 
-    def __init__(self, engine: AsyncEngine, *, accounts: int, clock: typing.Callable[[], float]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, accounts: int, clock: typing.Callable[[], float], markers: str = "off"
+    ) -> None:
         self.engine = engine
         self.accounts = accounts
         self.clock = clock
+        self.markers = markers
         self.outcomes = Outcomes()
         self.transfer = postgres_retry(on_retry=self._count_retry, deadline=CALL_DEADLINE)(self._transfer)
+        self.marked_transfer = postgres_retry(
+            on_retry=self._count_retry, deadline=CALL_DEADLINE, resolve_commit="marker"
+        )(self._transfer)
+
+    def uses_markers(self, worker: int) -> bool:
+        """Whether the worker numbered ``worker`` writes commit markers."""
+        return self.markers == "on" or (self.markers == "both" and worker % 2 == 0)
 
     async def setup(self) -> None:
         async with self.engine.begin() as connection:
@@ -191,6 +222,8 @@ class TransferWorkload:
                 sa.text("INSERT INTO accounts SELECT g, :balance FROM generate_series(1, :n) AS g"),
                 {"balance": INITIAL_BALANCE, "n": self.accounts},
             )
+        if self.markers != "off":
+            await markers.install(self.engine)  # the documented setup call, once before the first marked transfer
 
     def _count_retry(self, event: RetryEvent) -> None:
         self.outcomes.retries[event.sqlstate or event.kind.value] += 1
@@ -212,12 +245,16 @@ class TransferWorkload:
             )
             await transaction.commit()
 
-    async def run_worker(self, stop: asyncio.Event, rng: random.Random) -> None:
+    async def run_worker(self, stop: asyncio.Event, rng: random.Random, worker: int = 1) -> None:
+        marked = self.uses_markers(worker)
+        transfer = self.marked_transfer if marked else self.transfer
         while not stop.is_set():
             src, dst = rng.sample(range(1, self.accounts + 1), 2)
             transfer_id = uuid.UUID(int=rng.getrandbits(128), version=4)
+            if marked:
+                self.outcomes.marked.add(transfer_id)
             try:
-                await self.transfer(transfer_id, src, dst, rng.randint(1, 50))
+                await transfer(transfer_id, src, dst, rng.randint(1, 50))
             except CommitOutcomeUnknownError:
                 self.outcomes.unknown.add(transfer_id)
             except Exception as exc:  # noqa: BLE001 - every failure a caller would see is the point
@@ -395,7 +432,9 @@ async def _run(config: DemoConfig, target: DemoTarget, stream: typing.TextIO, in
     print(format_header(config, target), file=stream, flush=True)
     engine = target.engine(config.workers)
     started = time.monotonic()
-    workload = TransferWorkload(engine, accounts=config.accounts, clock=lambda: time.monotonic() - started)
+    workload = TransferWorkload(
+        engine, accounts=config.accounts, clock=lambda: time.monotonic() - started, markers=config.markers
+    )
     try:
         await workload.setup()
         chaos = _Chaos(target, workload, config.faults)
@@ -403,8 +442,8 @@ async def _run(config: DemoConfig, target: DemoTarget, stream: typing.TextIO, in
         stop = asyncio.Event()
         rng = random.Random(0)  # noqa: S311 - a workload, not cryptography
         workers = [
-            asyncio.create_task(workload.run_worker(stop, random.Random(rng.random())))  # noqa: S311
-            for _ in range(config.workers)
+            asyncio.create_task(workload.run_worker(stop, random.Random(rng.random()), worker))  # noqa: S311
+            for worker in range(config.workers)
         ]
         reporter = asyncio.create_task(progress.run(stop, config.progress_interval))
 
@@ -456,6 +495,11 @@ def format_report(report: DemoReport) -> str:
         ("transfers outcome-unknown", str(len(outcomes.unknown))),
     ]
     rows += [
+        (f"  outcome-unknown {group}", f"{unknown} of {total}")
+        for group, (unknown, total) in outcomes.unknown_by_group().items()
+        if total
+    ]
+    rows += [
         (f"  failed with {cause}", str(count))
         for cause, count in sorted(collections.Counter(outcomes.failed.values()).items())
     ]
@@ -488,6 +532,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             accounts=args.accounts,
             faults=tuple(name.strip() for name in args.faults.split(",") if name.strip()),
             topology=args.topology,
+            markers=args.markers,
         )
     except ValueError as exc:
         print(f"db-retry demo: {exc}", file=sys.stderr)  # noqa: T201 - the command's output

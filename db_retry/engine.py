@@ -27,7 +27,8 @@ state machine and gives the reasons.
 - **A server error that aborts the transaction** is remembered per (sub)transaction, so
   :class:`db_retry.Transaction` and ``postgres_retry`` can tell without a round trip that it cannot go on.
 - **Resolving a lost COMMIT** (opt-in: ``postgres_retry(resolve_commit=True)``, or the execution option
-  ``db_retry_resolve_commit=True``): see :func:`_resolving_do_commit`.
+  ``db_retry_resolve_commit=True``): see :func:`_resolving_do_commit`. With ``"marker"`` instead of
+  ``True``, across failovers too: :mod:`db_retry.markers`.
 """
 
 import asyncio
@@ -40,6 +41,7 @@ import inspect
 import logging
 import re
 import typing
+import uuid
 import weakref
 
 import asyncpg
@@ -50,6 +52,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
+from db_retry import markers
 from db_retry.liveness import QUICK, Wire, cancel_at_once, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
@@ -80,8 +83,28 @@ _DRIVER_STATEMENT: typing.Final = re.compile(r'prepared statement "(__asyncpg_st
 # A statement that may queue a notification (NOTIFY, pg_notify): its transaction gets an id only at COMMIT.
 _NOTIFIES: typing.Final = re.compile(r"notify", re.IGNORECASE)
 _PROBE: typing.Final = "SELECT 1"
-# Set by ``postgres_retry(resolve_commit=True)`` around the calls of its function.
-resolve_commits: contextvars.ContextVar[bool] = contextvars.ContextVar("db_retry_resolve_commits", default=False)
+# How a lost COMMIT is resolved: by its transaction id on the same server, or by a marker row on whichever
+# primary answers now.
+Resolution: typing.TypeAlias = typing.Literal["xid", "marker"]
+# Set by ``postgres_retry(resolve_commit=...)`` around the calls of its function.
+resolve_commits: contextvars.ContextVar[Resolution | None] = contextvars.ContextVar(
+    "db_retry_resolve_commits", default=None
+)
+
+
+def resolution(value: object) -> Resolution | None:
+    """What a ``resolve_commit`` value asks for: ``True`` (the transaction id), ``"marker"``, or nothing.
+
+    Anything else is refused, naming the value.
+    """
+    if value is True or value == "xid":
+        return "xid"
+    if value == "marker":
+        return "marker"
+    if value is False or value is None:
+        return None
+    msg = f"resolve_commit must be True, False or 'marker', got {value!r}"
+    raise ValueError(msg)
 
 
 @dataclasses.dataclass(slots=True)
@@ -108,12 +131,13 @@ _T = typing.TypeVar("_T")
 
 def resolving_commits(
     func: typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]],
+    how: Resolution = "xid",
 ) -> typing.Callable[_P, typing.Coroutine[typing.Any, typing.Any, _T]]:
-    """``func`` with lost COMMITs resolved while it runs (what ``postgres_retry(resolve_commit=True)`` uses)."""
+    """``func`` with lost COMMITs resolved while it runs (what ``postgres_retry(resolve_commit=...)`` uses)."""
 
     @functools.wraps(func)
     async def resolving(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        token = resolve_commits.set(True)
+        token = resolve_commits.set(how)
         try:
             return await func(*args, **kwargs)
         finally:
@@ -227,7 +251,7 @@ class ConnectionState:
     """Everything db-retry knows about one DBAPI connection; kept in its pool record's ``info``."""
 
     phase: Phase = Phase.IDLE
-    resolve: bool = False  # the COMMIT in flight asks the server if its answer is lost
+    resolve: Resolution | None = None  # how the COMMIT in flight is resolved if its answer is lost
     notified: bool = False  # the transaction may have queued a notification (its id comes at COMMIT)
     identity: ServerIdentity | None = None  # the primary this connection wrote to, once resolution asked
     verdict: Verdict | None = None  # the server's word on this connection's lost COMMIT
@@ -236,6 +260,7 @@ class ConnectionState:
     wire: Wire | None = None  # the TCP socket, as the liveness watchdog sees it (None: not TCP)
     role: typing.Callable[[], bool | None] | None = None  # reads what the server reports of its role
     read_only_at_begin: bool | None = None  # what the node said of itself when the transaction began
+    paramstyle: str = ""  # the driver's placeholder style, for the marker's insert
 
 
 def state_of(info: dict[typing.Any, typing.Any]) -> ConnectionState:
@@ -350,8 +375,8 @@ def _after_execute(connection: sa.Connection, *_: object) -> None:
     _answered(state_of(connection.info))
 
 
-def _wants_resolution(connection: sa.Connection) -> bool:
-    return resolve_commits.get() or bool(connection.get_execution_options().get(RESOLVE_OPTION))
+def _wants_resolution(connection: sa.Connection) -> Resolution | None:
+    return resolve_commits.get() or resolution(connection.get_execution_options().get(RESOLVE_OPTION))
 
 
 @event.listens_for(sa.engine.Engine, "begin")
@@ -406,6 +431,7 @@ def _on_commit(connection: sa.Connection) -> None:
     _install(connection.engine.dialect)
     if state.resolve:
         state.pool = weakref.ref(connection.engine.pool)  # the current one: engine.dispose() replaces it
+        state.paramstyle = connection.dialect.paramstyle
         _install_resolution(connection.engine)
 
 
@@ -460,6 +486,11 @@ def _mark(context: ExceptionContext, kind: ErrorKind | None) -> None:
         context.sqlalchemy_exception.db_retry_kind = kind  # type: ignore[attr-defined]
 
 
+def _note(context: ExceptionContext, note: str) -> None:
+    if context.sqlalchemy_exception is not None:  # pragma: no branch - the adapters wrap these as DBAPI errors
+        context.sqlalchemy_exception.add_note(note)
+
+
 def _connect_failed(context: ExceptionContext, error: Exception) -> None:
     """A failed connect (or a fresh engine's first-connect queries): whatever it was, the work never started."""
     refused = _is_node_role_error(sqlstate_on_chain(error), error) or leaves_connection_unusable(error)
@@ -479,6 +510,12 @@ def _commit_failed(context: ExceptionContext, state: ConnectionState, error: Exc
         context.is_disconnect = True
         verdict = Verdict(applied=False, reason=f"COMMIT was never sent ({type(error).__name__})")
     elif not _commit_lost(context, error):
+        if sqlstate_on_chain(error) == _UNDEFINED_TABLE and markers.TABLE in str(error):
+            _note(
+                context,
+                f"db-retry: resolve_commit='marker' needs the table {markers.TABLE}: create it once with "
+                "`db-retry markers install DSN` or `await db_retry.markers.install(engine)`",
+            )
         return None  # the server answered: the COMMIT definitely failed
     if leaves_connection_unusable(error):
         context.is_disconnect = True  # whatever the COMMIT did, that connection cannot be used again
@@ -598,6 +635,23 @@ _IDENTITY_COLUMNS: typing.Final = (
     "pg_catalog.pg_stat_get_bgwriter_stat_reset_time()::text"
 )
 _INVALID_PARAMETER: typing.Final = "22023"  # pg_xact_status of an id the server has not given out yet
+_UNDEFINED_TABLE: typing.Final = "42P01"
+# The marker goes in only if the transaction wrote anything (it has an id), or may have queued a
+# notification (which writes at COMMIT); RETURNING tells which. Per driver placeholder style.
+_MARKER_INSERT: typing.Final = {
+    forced: {
+        style: f"INSERT INTO {markers.TABLE} (id) SELECT CAST({mark} AS uuid)"
+        + ("" if forced else " WHERE pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL")
+        + " RETURNING true"
+        for style, mark in (("numeric_dollar", "$1"), ("pyformat", "%(marker)s"))
+    }
+    for forced in (False, True)
+}
+# Asked on the primary that answers now, in READ COMMITTED whatever the engine's isolation (a row that is
+# not in the snapshot must conflict, not fail). Our own id, formatted by uuid: no placeholder needed.
+_MARKER_PROBE: typing.Final = (
+    f"INSERT INTO {markers.TABLE} (id) VALUES ('{{marker}}') ON CONFLICT (id) DO NOTHING RETURNING true"  # noqa: S608
+)
 _NO_ANSWER: typing.Final = "the server cannot be asked"
 
 
@@ -633,17 +687,24 @@ def _do_close(original: typing.Callable[[typing.Any], None], dbapi_connection: t
     """Close a pooled connection (``engine.dispose()``, recycling) in at most 1 s, also on a silent server.
 
     asyncpg's graceful close (a Terminate message, then waiting for the server to hang up) has no bound
-    under SQLAlchemy's adapter: it is bounded here, and a connection that does not close in time is
-    aborted. psycopg closes at once (libpq's ``PQfinish``).
+    under SQLAlchemy's adapter: it is bounded here as a whole, and a connection that does not close in
+    time is aborted. The bound covers all of it: before 0.30, asyncpg's own ``timeout=`` starts only after
+    it has waited, without bound, for a cancel request still in flight. psycopg closes at once (libpq's
+    ``PQfinish``).
     """
     driver: typing.Any = getattr(dbapi_connection, "driver_connection", None)
     abort = getattr(driver, "terminate", None)
     if abort is not None and not inspect.iscoroutinefunction(abort) and in_greenlet():
         try:
-            await_only(driver.close(timeout=QUICK))
+            await_only(_close_within(driver, QUICK))
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             abort()
     original(dbapi_connection)
+
+
+async def _close_within(driver: typing.Any, seconds: float) -> None:  # noqa: ANN401 - asyncpg's connection
+    async with asyncio.timeout(seconds):
+        await driver.close()
 
 
 def _do_rollback(original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection) -> None:
@@ -678,10 +739,17 @@ def _install_resolution(engine: sa.Engine) -> None:
     event.listen(engine, "before_cursor_execute", _note_notify)
 
 
-def _fetch_row(connection: PoolProxiedConnection, query: str) -> tuple[typing.Any, ...]:
+def _fetch_row(
+    connection: PoolProxiedConnection,
+    query: str,
+    parameters: typing.Any = None,  # noqa: ANN401 - DBAPI parameters
+) -> tuple[typing.Any, ...]:
     cursor = connection.cursor()
     try:
-        cursor.execute(query)
+        if parameters is None:
+            cursor.execute(query)
+        else:
+            cursor.execute(query, parameters)
         row: typing.Sequence[typing.Any] = cursor.fetchone() or ()
     finally:
         cursor.close()
@@ -691,26 +759,19 @@ def _fetch_row(connection: PoolProxiedConnection, query: str) -> tuple[typing.An
 def _resolving_do_commit(
     original: typing.Callable[[PoolProxiedConnection], None], connection: PoolProxiedConnection, state: ConnectionState
 ) -> None:
-    """COMMIT; if its answer is lost, ask the server whether the transaction committed.
+    """COMMIT; if its answer is lost, ask whether the transaction committed.
 
-    Before COMMIT, one query reads the transaction's id (and, once per connection, the server's
-    identity). If COMMIT is lost (not refused: a refusal is a definite answer), fresh connections through
-    the engine's current pool ask ``pg_xact_status`` for at most ``DB_RETRY_OUTAGE_TIMEOUT`` of real time:
-    every connect and query runs under what is left of it. Committed on the same server incarnation:
-    the commit returns. Aborted, never written, or unknown to the server: not applied. Anything else:
-    unknown.
+    Before COMMIT, one round trip: by transaction id, it reads the id (and, once per connection, the
+    server's identity); by marker, it inserts the marker row (only if the transaction wrote anything).
+    If COMMIT is lost (not refused: a refusal is a definite answer), fresh connections through the
+    engine's current pool ask, for at most ``DB_RETRY_OUTAGE_TIMEOUT`` of real time: every connect and
+    query runs under what is left of it. By id (``pg_xact_status``): committed on the same server
+    incarnation, the commit returns; aborted, never written, or unknown to the server: not applied;
+    anything else: unknown. By marker: whichever primary answers decides (:func:`_judge_marker`).
     """
-    state.resolve = False
-    xid_column = _XID_FORCED if state.notified else _XID
+    how, state.resolve = state.resolve, None
     try:
-        if state.identity is None:
-            xid, *identity_row = _fetch_row(connection, f"SELECT {xid_column}, {_IDENTITY_COLUMNS}")
-            identity = ServerIdentity(*identity_row)
-            if identity.timeline is not None:  # a standby's identity changes if it is promoted: not kept
-                state.identity = identity
-        else:
-            identity = state.identity
-            (xid,) = _fetch_row(connection, f"SELECT {xid_column}")
+        judge = _prepare_marker(connection, state) if how == "marker" else _prepare_xid(connection, state)
     except Exception:
         state.verdict = Verdict(applied=False, reason="COMMIT was never sent")
         raise
@@ -722,7 +783,7 @@ def _resolving_do_commit(
         if command_not_sent(exc) or (classify(exc) not in LOST_AT_COMMIT and not isinstance(exc, TimeoutError)):
             raise  # refused by the server, or never sent: no need to ask (``_commit_failed`` tells which)
         state.phase = Phase.RESOLVING
-        verdict = _ask_the_server(state, identity, xid)
+        verdict = _ask(state, judge)
         state.phase = Phase.COMMITTING
         if verdict.applied:
             logger.info("a lost COMMIT was applied: %s", verdict.reason)
@@ -734,17 +795,49 @@ def _resolving_do_commit(
         _answered(state)
 
 
-def _ask_the_server(state: ConnectionState, identity: ServerIdentity, xid: str | None) -> Verdict:
+_Judge: typing.TypeAlias = typing.Callable[[PoolProxiedConnection], "Verdict"]
+
+
+def _prepare_xid(connection: PoolProxiedConnection, state: ConnectionState) -> _Judge | Verdict:
+    """Read the transaction's id (and the server's identity, once): how to judge a lost COMMIT by them."""
+    xid_column = _XID_FORCED if state.notified else _XID
+    if state.identity is None:
+        xid, *identity_row = _fetch_row(connection, f"SELECT {xid_column}, {_IDENTITY_COLUMNS}")
+        identity = ServerIdentity(*identity_row)
+        if identity.timeline is not None:  # a standby's identity changes if it is promoted: not kept
+            state.identity = identity
+    else:
+        identity = state.identity
+        (xid,) = _fetch_row(connection, f"SELECT {xid_column}")
     if xid is None:
         return Verdict(applied=False, reason="the transaction wrote nothing")
+    return functools.partial(_judge, identity, str(xid))
+
+
+def _prepare_marker(connection: PoolProxiedConnection, state: ConnectionState) -> _Judge | Verdict:
+    """Insert the transaction's marker (if it wrote anything): how to judge a lost COMMIT by it."""
+    marker = markers.new_marker()
+    insert = _MARKER_INSERT[bool(state.notified)].get(state.paramstyle)
+    if insert is None:  # pragma: no cover - another driver's placeholder style
+        msg = f"resolve_commit='marker' does not support the paramstyle {state.paramstyle!r}"
+        raise NotImplementedError(msg)
+    parameters: typing.Any = (str(marker),) if "$1" in insert else {"marker": str(marker)}
+    if not _fetch_row(connection, insert, parameters):
+        return Verdict(applied=False, reason="the transaction wrote nothing")
+    return functools.partial(_judge_marker, marker)
+
+
+def _ask(state: ConnectionState, judge: _Judge | Verdict) -> Verdict:
+    if isinstance(judge, Verdict):
+        return judge  # known without asking
     pool = state.pool() if state.pool is not None else None
     if pool is None:  # pragma: no cover - the engine was garbage-collected during its own COMMIT
         return Verdict(applied=None, reason="the engine is gone")
     settings = get_settings()
-    return await_only(_resolve(pool, identity, str(xid), settings.outage_timeout, settings.outage_max_delay))
+    return await_only(_resolve(pool, judge, settings.outage_timeout, settings.outage_max_delay))
 
 
-async def _resolve(pool: sa.pool.Pool, identity: ServerIdentity, xid: str, budget: float, pause: float) -> Verdict:
+async def _resolve(pool: sa.pool.Pool, judge: _Judge, budget: float, pause: float) -> Verdict:
     """Ask on fresh connections until an answer comes or ``budget`` seconds of real time have passed."""
     throwaway = pool.recreate()  # the same creator (multi-host factory included), outside the engine's pool
     reason = _NO_ANSWER
@@ -752,7 +845,7 @@ async def _resolve(pool: sa.pool.Pool, identity: ServerIdentity, xid: str, budge
         async with asyncio.timeout(budget):
             while True:
                 try:
-                    return await greenlet_spawn(_status, throwaway, identity, xid)
+                    return await greenlet_spawn(_status, throwaway, judge)
                 except _NotYet as exc:
                     reason = str(exc)
                 await asyncio.sleep(pause)
@@ -762,11 +855,11 @@ async def _resolve(pool: sa.pool.Pool, identity: ServerIdentity, xid: str, budge
         throwaway.dispose()
 
 
-def _status(pool: sa.pool.Pool, identity: ServerIdentity, xid: str) -> Verdict:
+def _status(pool: sa.pool.Pool, judge: _Judge) -> Verdict:
     connection: PoolProxiedConnection | None = None
     try:
         connection = pool.connect()
-        return _judge(identity, xid, connection)
+        return judge(connection)
     except _NotYet:
         raise
     except Exception as exc:  # noqa: BLE001 - no connection yet, or it broke while asking: ask again
@@ -777,6 +870,7 @@ def _status(pool: sa.pool.Pool, identity: ServerIdentity, xid: str) -> Verdict:
 
 
 def _judge(identity: ServerIdentity, xid: str, connection: PoolProxiedConnection) -> Verdict:
+    """By transaction id: only the same server incarnation can say."""
     now = ServerIdentity(*_fetch_row(connection, f"SELECT {_IDENTITY_COLUMNS}"))
     if now.system != identity.system or now.timeline != identity.timeline:
         return Verdict(applied=None, reason="another server or timeline answers now (a failover?)")
@@ -801,3 +895,27 @@ def _judge(identity: ServerIdentity, xid: str, connection: PoolProxiedConnection
     # answer may be another transaction's. NULL: too old to be known any more.
     restarted = f"the server restarted; transaction {xid} may be another one"
     return Verdict(applied=None, reason=restarted if status == "committed" else f"the server forgot {xid}")
+
+
+def _judge_marker(marker: uuid.UUID, connection: PoolProxiedConnection) -> Verdict:
+    """By marker: the primary that answers now inserts the same id, and always rolls back.
+
+    The insert waits for a transaction that holds the id and may still commit; then it conflicts (the
+    work committed, and it is part of the history this primary serves) or not (it is not, and never
+    will be). A standby is not asked: only a primary's history decides.
+    """
+    cursor = connection.cursor()
+    try:
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+    finally:
+        cursor.close()
+    if _fetch_row(connection, "SELECT pg_catalog.pg_is_in_recovery()")[0]:
+        reason = "only a standby answers"
+        raise _NotYet(reason)
+    try:
+        inserted = _fetch_row(connection, _MARKER_PROBE.format(marker=marker))
+    finally:
+        connection.rollback()
+    if inserted:
+        return Verdict(applied=False, reason=f"marker {marker} is not in the history of the primary that answers")
+    return Verdict(applied=True, reason=f"marker {marker} committed")

@@ -31,6 +31,7 @@ from db_retry.engine import (
     CallDeadline,
     CommitOutcomeUnknownError,
     call_deadline,
+    resolution,
     resolving_commits,
 )
 from db_retry.retriable import RETRIED_KINDS, ErrorKind, classify, sqlstate_on_chain
@@ -605,7 +606,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
-    resolve_commit: bool = False,
+    resolve_commit: bool | typing.Literal["marker"] = False,
     deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
@@ -621,7 +622,7 @@ def postgres_retry(
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
-    resolve_commit: bool = False,
+    resolve_commit: bool | typing.Literal["marker"] = False,
     deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
@@ -636,7 +637,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     wait: wait_base | None = None,
     stop: stop_base | None = None,
     retry_ambiguous_commit: bool = False,
-    resolve_commit: bool = False,
+    resolve_commit: bool | typing.Literal["marker"] = False,
     deadline: float | None = None,
     on_retry: typing.Callable[[RetryEvent], object] | None = None,
     sleep: Sleep | None = None,
@@ -655,7 +656,9 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     argument): the error propagates with a note. ``wait`` / ``stop`` replace the built-in tenacity
     strategies. ``retry_ambiguous_commit`` retries a :class:`~db_retry.CommitOutcomeUnknownError` too:
     only for idempotent work. ``resolve_commit`` asks the server whether a COMMIT whose answer was lost
-    committed (one more round trip per write transaction; :mod:`db_retry.engine`). ``on_retry`` is
+    committed (one more round trip per write transaction; :mod:`db_retry.engine`); ``"marker"``
+    asks with a marker row the transaction writes, whichever primary answers, also after a failover
+    (:mod:`db_retry.markers`). ``on_retry`` is
     called with a :class:`RetryEvent` before each wait. ``sleep`` replaces :func:`asyncio.sleep` (for
     tests).
     """
@@ -664,6 +667,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
     check_number("deadline", deadline, unit="seconds", allow_none=True)
     # A bad DB_RETRY_* value fails here, at decoration, naming the variable and the value.
     budget = deadline if deadline is not None else get_settings().deadline
+    how = resolution(resolve_commit)  # a bad value fails here, naming it
 
     def decorator(
         f: typing.Callable[_Q, typing.Coroutine[typing.Any, typing.Any, _R]],
@@ -671,8 +675,8 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if not inspect.iscoroutinefunction(f):
             msg = f"postgres_retry decorates async functions (coroutine functions), got {f!r}"
             raise TypeError(msg)
-        if resolve_commit:
-            f = resolving_commits(f)
+        if how is not None:
+            f = resolving_commits(f, how)
         policy = _Policy(
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,

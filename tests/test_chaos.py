@@ -62,6 +62,11 @@ async def test_transfers_survive_every_fault_without_losing_or_doubling_a_write(
     # With the default budget no caller sees a plain failure from a restart, a termination or the failover.
     assert outcomes.failed == {}, format_report(report)
     assert len(outcomes.ok) > 1000
+    # Half the workers write commit markers (the demo's default, side by side): none of theirs stays unknown.
+    by_group = outcomes.unknown_by_group()
+    assert by_group["with markers"][0] == 0, format_report(report)
+    assert by_group["with markers"][1] > 500, format_report(report)
+    assert "outcome-unknown with markers" in format_report(report)
     assert [record.name for record in report.faults] == list(FAULTS)
     assert all(record.time_lost is not None for record in report.faults), format_report(report)
     # The faults really happened: sessions were cut and the servers went away.

@@ -9,6 +9,7 @@ connections to it.
 
 With ``resolve_commit=True`` the same calls ask the server about a lost COMMIT: the cut one is then known
 to be committed (the call returns), and one lost to a restart is known not to be (the call is retried).
+With ``resolve_commit="marker"`` the same holds, asked by the transaction's marker row instead of its id.
 """
 
 import asyncio
@@ -21,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
-from db_retry import CommitOutcomeUnknownError, Transaction, build_connection_factory, postgres_retry
+from db_retry import CommitOutcomeUnknownError, Transaction, build_connection_factory, markers, postgres_retry
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.proxy import TcpProxy
 
@@ -54,6 +55,11 @@ def nodes() -> collections.abc.Iterator[Nodes]:
 async def _table(nodes: Nodes) -> None:
     for node in (nodes.first, nodes.second):
         await node.execute("CREATE TABLE IF NOT EXISTS matrix (key uuid NOT NULL, attempt int NOT NULL)")
+        engine = create_async_engine(node.dsn(driver="asyncpg"))
+        try:
+            await markers.install(engine)
+        finally:
+            await engine.dispose()
 
 
 async def _count(nodes: Nodes, key: uuid.UUID) -> int:
@@ -114,7 +120,7 @@ class Outcome:
     stored: int
 
 
-async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bool) -> Outcome:  # noqa: C901
+async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bool | str) -> Outcome:  # noqa: C901
     first, second = nodes.first, nodes.second
     async with TcpProxy(first.host, first.port) as proxy:
         if fault == "demoted to read-only":
@@ -138,7 +144,7 @@ async def _run(nodes: Nodes, style: str, fault: str, driver: str, *, resolve: bo
             elif fault == "fast restart":
                 await faults.restart(first, "fast")
 
-        @postgres_retry(resolve_commit=resolve)
+        @postgres_retry(resolve_commit=resolve)  # type: ignore[arg-type]
         async def pay() -> None:
             nonlocal attempts
             attempts += 1
@@ -187,13 +193,14 @@ async def test_a_write_is_applied_once_or_reported_unknown(nodes: Nodes, style: 
         assert outcome.result == "ok" or outcome.attempts == 1, outcome
 
 
+@pytest.mark.parametrize("how", [True, "marker"])
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("style", STYLES)
 async def test_a_lost_commit_is_resolved_by_asking_the_server(
-    nodes: Nodes, style: str, fault: str, driver: str
+    nodes: Nodes, style: str, fault: str, driver: str, how: bool | str
 ) -> None:
-    outcome = await _run(nodes, style, fault, driver, resolve=True)
+    outcome = await _run(nodes, style, fault, driver, resolve=how)
     assert outcome.result == "ok", outcome  # the server could tell every time: no unknown outcome left
     assert outcome.stored == 1, outcome
     if fault == "cut after COMMIT":

@@ -60,7 +60,7 @@ async def _switchover_then_failover(run: TopologyRun, cluster: PatroniCluster, h
 async def test_patroni_multihost_dsn_rides_through_switchover_and_failover(patroni_cluster: PatroniFactory) -> None:
     cluster = patroni_cluster(2)
     async with engines(cluster.multihost_dsn(), cluster.multihost_dsn(driver="psycopg")) as made:
-        run = TopologyRun("patroni multi-host DSN", made, workers=WORKERS)
+        run = TopologyRun("patroni multi-host DSN", made, workers=WORKERS, markers=True)
         await run.start()
         await _switchover_then_failover(run, cluster)
         report = await run.finish()
@@ -90,7 +90,7 @@ async def test_patroni_through_haproxy_rides_through_switchover_and_failover(
     cluster = patroni_cluster(2)
     balancer = haproxy(cluster)
     async with engines(balancer.dsn(), balancer.dsn(driver="psycopg")) as made:
-        run = TopologyRun("patroni via haproxy", made, workers=WORKERS)
+        run = TopologyRun("patroni via haproxy", made, workers=WORKERS, markers=True)
         await run.start()
         await _switchover_then_failover(run, cluster, balancer)
         report = await run.finish()

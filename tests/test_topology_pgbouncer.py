@@ -44,7 +44,7 @@ async def test_pgbouncer_transaction_mode_rides_through_server_restarts(
         ),
     }
     try:
-        run = TopologyRun("pgbouncer transaction mode", made, workers=WORKERS)
+        run = TopologyRun("pgbouncer transaction mode", made, workers=WORKERS, markers=True)
         await run.start()
         for mode in ("fast", "immediate"):
             record = run.fault(f"server restart ({mode})")

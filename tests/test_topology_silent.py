@@ -19,6 +19,7 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
+import logging
 import typing
 import uuid
 
@@ -28,9 +29,10 @@ import tenacity
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from db_retry import build_connection_factory, postgres_retry
+from db_retry.liveness import probe
 from db_retry.testing import faults
 from db_retry.testing.patroni import PatroniCluster, PatroniMember
-from db_retry.testing.topology_fixtures import skip_if_missing
+from db_retry.testing.topology_fixtures import HAProxyFactory, skip_if_missing
 
 
 pytestmark = pytest.mark.standby
@@ -258,3 +260,39 @@ async def test_a_frozen_patroni_leader_mid_write_is_left_for_the_promoted_replic
             patroni, {"asyncpg": asyncpg_engine, "psycopg": psycopg_engine}, table
         )
     await _assert_ended_on_the_new_leader(failover, table, "multi-host DSN")
+
+
+async def test_a_frozen_patroni_leader_behind_haproxy_is_left_for_the_promoted_replica(
+    patroni: PatroniCluster, haproxy: HAProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = "frozen_haproxy"
+    await _prepare(patroni, table)
+    balancers = {"cut": haproxy(patroni), "kept": haproxy(patroni, shutdown_sessions=False)}
+    probes: dict[str, bool] = {}
+
+    async def observe() -> None:
+        """Once HAProxy marked the frozen leader down, whether the watchdog's probe through HAProxy gets an answer."""
+
+        async def marked_down() -> bool:
+            return not any(balancer.up("primary") for balancer in balancers.values())
+
+        await _until(marked_down)
+        for sessions, balancer in balancers.items():
+            probes[sessions] = await probe((balancer.host, balancer.ports["primary"]), 2.0)
+
+    async with contextlib.AsyncExitStack() as stack:
+        engines = {
+            f"{driver}, sessions {sessions}": await stack.enter_async_context(
+                _engine(balancer.dsn(), balancer.dsn(driver="psycopg"), driver)
+            )
+            for sessions, balancer in balancers.items()
+            for driver in ("asyncpg", "psycopg")
+        }
+        with caplog.at_level(logging.WARNING, logger="db_retry.liveness"):
+            failover = await _freeze_leader_mid_write(patroni, engines, table, during=observe)
+    cut = [record.getMessage() for record in caplog.records if record.name == "db_retry.liveness"]
+    print(f"probes through HAProxy once it marked the leader down (answered?): {probes}; watchdog: {cut}")  # noqa: T201
+    assert probes == {"cut": False, "kept": False}  # with no server UP, HAProxy closes the probe's connection
+    kept = balancers["kept"]  # its sessions to the frozen leader stay open: the watchdog cuts them
+    assert any(f"{kept.host}:{kept.ports['primary']} did not answer a probe" in message for message in cut)
+    await _assert_ended_on_the_new_leader(failover, table, "HAProxy primary listener")

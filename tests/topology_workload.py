@@ -30,11 +30,14 @@ class TimedTransfers(TransferWorkload):
 
     style = "Transaction"
 
-    def __init__(self, engine: AsyncEngine, *, accounts: int, clock: typing.Callable[[], float]) -> None:
-        super().__init__(engine, accounts=accounts, clock=clock)
+    def __init__(
+        self, engine: AsyncEngine, *, accounts: int, clock: typing.Callable[[], float], marked: bool = False
+    ) -> None:
+        super().__init__(engine, accounts=accounts, clock=clock, markers="on" if marked else "off")
+        self.marked = marked  # resolve_commit="marker": a lost COMMIT is resolved by whichever primary answers
         self.acked_at: dict[uuid.UUID, float] = {}
         self.errors: dict[str, str] = {}  # one message per failure cause, for the report
-        retried = self.transfer
+        retried = self.marked_transfer if marked else self.transfer
 
         async def transfer(transfer_id: uuid.UUID, src: int, dst: int, amount: int) -> None:
             try:
@@ -85,6 +88,7 @@ class TopologyReport:
     ok: int
     failed: dict[str, int]
     unknown: int
+    unknown_marked: int  # of ``unknown``: transfers that wrote a commit marker
     lost: int  # acknowledged, absent from the ledger, not explained by asynchronous replication
     lost_to_replication: int  # acknowledged before an unplanned failover, absent: the server's guarantee
     doubled: int  # reported failed, yet applied
@@ -105,7 +109,8 @@ class TopologyReport:
         )
         return (
             f"{self.topology}: ok={self.ok} lost={self.lost} doubled={self.doubled} failed={sum(self.failed.values())} "
-            f"{dict(self.failed)} outcome-unknown={self.unknown} lost-to-async-replication={self.lost_to_replication} "
+            f"{dict(self.failed)} outcome-unknown={self.unknown} (with markers {self.unknown_marked}, without "
+            f"{self.unknown - self.unknown_marked}) lost-to-async-replication={self.lost_to_replication} "
             f"money-conserved={self.money_conserved} | {windows} | retries {self.retries} | per kind {self.by_kind}"
             f" | faults at {[round(fault.started, 3) for fault in self.faults]}, lost acked at {self.lost_at}"
             + "".join(f"\n  {cause}: {message}" for cause, message in self.errors.items())
@@ -121,19 +126,30 @@ class TopologyRun:
 
     Many accounts: SERIALIZABLE's predicate locks on the accounts' index pages make transfers between
     accounts of one page conflict (40001), and a few hundred accounts fit in two pages.
+
+    ``markers``: each kind runs twice, half its workers with commit markers (``resolve_commit="marker"``)
+    and half without, side by side under the same faults.
     """
 
     def __init__(
-        self, topology: str, engines: dict[str, AsyncEngine], *, workers: int = 2, accounts: int = 5000
+        self,
+        topology: str,
+        engines: dict[str, AsyncEngine],
+        *,
+        workers: int = 2,
+        accounts: int = 5000,
+        markers: bool = False,
     ) -> None:
         self.topology = topology
         self.engines = engines
-        self.workers = workers
+        self.workers = max(1, workers // 2) if markers else workers
         self.started = time.monotonic()
         self.workloads: dict[str, TimedTransfers] = {}
         for driver, engine in engines.items():
             for kind in (TimedTransfers, BeginTransfers):
-                self.workloads[f"{driver}/{kind.style}"] = kind(engine, accounts=accounts, clock=self.clock)
+                for marked in (False, True) if markers else (False,):
+                    label = f"{driver}/{kind.style}" + (" +markers" if marked else "")
+                    self.workloads[label] = kind(engine, accounts=accounts, clock=self.clock, marked=marked)
         self.faults: list[FaultRecord] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -142,7 +158,8 @@ class TopologyRun:
         return time.monotonic() - self.started
 
     async def start(self) -> None:
-        await next(iter(self.workloads.values())).setup()
+        marked = [workload for workload in self.workloads.values() if workload.marked]
+        await (marked or list(self.workloads.values()))[0].setup()  # with markers: their table too
         rng = random.Random(11)
         for workload in self.workloads.values():
             self._tasks += [
@@ -217,6 +234,7 @@ class TopologyRun:
             ok=self.committed(),
             failed=failed,
             unknown=sum(len(workload.outcomes.unknown) for workload in self.workloads.values()),
+            unknown_marked=sum(len(w.outcomes.unknown) for w in self.workloads.values() if w.marked),
             lost=lost,
             lost_to_replication=lost_to_replication,
             doubled=sum(report.failed_but_applied for report in invariants),
@@ -241,6 +259,7 @@ def assert_holds(report: TopologyReport, *, replication_loss_allowed: bool = Fal
     assert report.failed == {}, text
     if not replication_loss_allowed:
         assert report.lost_to_replication == 0, text
+    assert report.unknown_marked == 0, text  # a lost COMMIT with a marker is always resolved
     assert all(count > 0 for count in report.by_kind.values()), text
     assert all(fault.window is not None for fault in report.faults), text
 
