@@ -113,6 +113,12 @@ def test_demo_command_prints_a_table_without_faults(capsys: pytest.CaptureFixtur
     output = capsys.readouterr().out
     assert "transfers ok" in output
     assert "invariant                             HOLDS" in output
+    assert re.search(r"outcome-unknown with markers +0 of [1-9]", output)  # one worker: number 0 writes markers
+
+
+def test_a_bad_markers_mode_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="unknown markers mode 'half'; choose from both, on, off"):
+        DemoConfig(markers="half")
 
 
 @pytest.mark.parametrize(
@@ -123,6 +129,7 @@ def test_demo_command_prints_a_table_without_faults(capsys: pytest.CaptureFixtur
         (["--workers", "two"], "argument --workers: must be an integer >= 1, got 'two'"),
         (["--accounts", "1"], "argument --accounts: must be an integer >= 2, got '1'"),
         (["--duration", "0"], "argument --duration: must be a number of seconds > 0, got '0'"),
+        (["--markers", "half"], "argument --markers: invalid choice: 'half'"),
     ],
 )
 def test_demo_command_rejects_bad_options(

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.standby
 
 DRIVERS: typing.Final = ("asyncpg", "psycopg")
 STYLES: typing.Final = ("engine.begin", "session.commit", "session.begin", "Transaction")
-INSERT: typing.Final = sa.text("INSERT INTO payments (key) VALUES (:key)")
+INSERT: typing.Final = sa.text("INSERT INTO marker_payments (key) VALUES (:key)")
 
 
 def _engine(node: PostgresNode, driver: str, *, through: TcpProxy | None = None) -> AsyncEngine:
@@ -38,7 +38,7 @@ def _engine(node: PostgresNode, driver: str, *, through: TcpProxy | None = None)
 
 
 async def _prepare(node: PostgresNode) -> None:
-    await node.execute("CREATE TABLE IF NOT EXISTS payments (key uuid NOT NULL)")
+    await node.execute("CREATE TABLE IF NOT EXISTS marker_payments (key uuid NOT NULL)")
     engine = create_async_engine(node.dsn(driver="asyncpg"))
     try:
         await markers.install(engine)
@@ -48,7 +48,7 @@ async def _prepare(node: PostgresNode) -> None:
 
 
 async def _stored(node: PostgresNode, key: uuid.UUID) -> int:
-    return int(await node.fetchval("SELECT count(*) FROM payments WHERE key = $1", key))
+    return int(await node.fetchval("SELECT count(*) FROM marker_payments WHERE key = $1", key))
 
 
 async def _write(
@@ -378,7 +378,7 @@ async def test_a_missing_marker_table_is_named_with_the_command_that_creates_it(
     fresh_cluster: collections.abc.Callable[..., PostgresCluster],
 ) -> None:
     node = fresh_cluster(standbys=0).primary
-    await node.execute("CREATE TABLE payments (key uuid NOT NULL)")
+    await node.execute("CREATE TABLE marker_payments (key uuid NOT NULL)")
     engine = _engine(node, "asyncpg")
 
     @postgres_retry(resolve_commit="marker")
@@ -425,9 +425,12 @@ async def test_the_markers_command_installs_and_prunes(
     assert await asyncio.to_thread(main, ["markers", "install", dsn]) == 0  # several hosts: the writable one
     await primary.execute(f"INSERT INTO {markers.TABLE} (id) VALUES ($1)", markers.new_marker(time.time() - 100))
     assert await asyncio.to_thread(main, ["markers", "prune", primary.dsn(), "--retention", "10"]) == 0
+    # Several hosts that say which one they want: taken as written.
+    assert await asyncio.to_thread(main, ["markers", "prune", f"{dsn}&target_session_attrs=primary"]) == 0
     output = capsys.readouterr().out
     assert f"{markers.TABLE} is ready" in output
     assert "deleted 1 markers older than 10 s" in output
+    assert "deleted 0 markers older than 3600 s" in output
     # A server that refuses: the standby cannot take the table.
     refused = await asyncio.to_thread(main, ["markers", "install", standby.dsn()])
     assert refused == 1
