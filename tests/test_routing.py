@@ -895,7 +895,14 @@ async def test_lag_is_unknown_while_the_primary_cannot_be_checked(
         bounded = RoutingSessionMaker(primary, {"standby": replica}, max_lag=5, check_interval=None, check_timeout=0.5)
         unbounded = RoutingSessionMaker(primary, {"standby": replica}, check_interval=None, check_timeout=0.5)
         try:
-            assert (await bounded.refresh())["standby"].healthy
+
+            async def healthy() -> bool:
+                return (await bounded.refresh())["standby"].healthy
+
+            # The precondition, waited for: WAL that is not a commit (a running-transactions record the
+            # background writer logs) makes the standby bytes behind until it is replayed, and for that
+            # moment its lag is the time since the last commit it replayed (replication.py).
+            await eventually_async(healthy, timeout=10)
             to_primary.hang()
             status = (await bounded.refresh())["standby"]
             assert not status.healthy
