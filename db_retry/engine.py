@@ -53,7 +53,7 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
 from db_retry import markers
-from db_retry.liveness import QUICK, Wire, cancel_at_once, tune_socket
+from db_retry.liveness import QUICK, Wire, cancel_at_once, silent_last, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
     LOST_CONNECTION_SQLSTATES,
@@ -281,6 +281,21 @@ def transaction_failed(connection: sa.Connection) -> bool:
 
 
 # -- listeners -------------------------------------------------------------------------------------------
+
+
+@event.listens_for(sa.engine.Engine, "do_connect")
+def _silent_hosts_last(
+    _dialect: Dialect,
+    _record: object,
+    _cargs: object,
+    cparams: dict[str, typing.Any],
+) -> None:
+    """A multi-host DSN that the driver walks in order (libpq, psycopg): hosts found silent lately go last."""
+    host, port = cparams.get("host"), cparams.get("port")
+    if isinstance(host, str) and "," in host and isinstance(port, str) and "hostaddr" not in cparams:
+        moved = silent_last(host.split(","), port.split(","))
+        if moved is not None:
+            cparams["host"], cparams["port"] = ",".join(moved[0]), ",".join(moved[1])
 
 
 @event.listens_for(sa.pool.Pool, "connect")

@@ -230,7 +230,9 @@ class Watchdog:
     def _judge(self, peer: Peer, wires: list[Wire], *, answered: bool) -> None:
         if answered:
             self.alive[peer] = time.monotonic()  # its long queries go on
+            _SILENT.pop(peer, None)
             return
+        _SILENT[peer] = time.monotonic()
         cut = [wire for wire in wires if wire.waiting_since is not None]
         logger.warning(
             "%s:%s did not answer a probe within %gs; cutting %d connection(s) waiting on it",
@@ -244,6 +246,31 @@ class Watchdog:
 
 
 QUICK: typing.Final = 1.0  # seconds a ROLLBACK may go unanswered before its connection is cut
+# Servers a probe found silent, and when (monotonic), for the whole process: a host silent for one event
+# loop is silent for all. New connections try them last (``silent_last``).
+_SILENT: dict[Peer, float] = {}
+SILENT_MEMORY: typing.Final = 60.0  # seconds a silent server is tried last, unless a probe hears it again
+
+
+def silent_last(hosts: list[str], ports: list[str]) -> tuple[list[str], list[str]] | None:
+    """The hosts (and their ports) with those a probe found silent lately moved last; ``None``: no change.
+
+    For a driver that tries the hosts of a multi-host DSN in order (libpq's, psycopg's): a frozen
+    primary first in the list would cost every new connection its whole ``connect_timeout``.
+    """
+    if not _SILENT or len(hosts) != len(ports):
+        return None
+    now = time.monotonic()
+    silent = [
+        (host, port) in {(peer[0], str(peer[1])) for peer, since in _SILENT.items() if now - since < SILENT_MEMORY}
+        for host, port in zip(hosts, ports, strict=True)
+    ]
+    if not any(silent) or all(silent):
+        return None
+    order = sorted(range(len(hosts)), key=lambda index: silent[index])  # stable: the DSN's order otherwise
+    return [hosts[index] for index in order], [ports[index] for index in order]
+
+
 _PROBES: set["asyncio.Task[None]"] = set()  # running probes (the loop itself keeps only weak references)
 _WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Watchdog] = weakref.WeakKeyDictionary()
 

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from db_retry import liveness
 from db_retry.testing.pytest_plugin import DSN_ENV, STANDBY_SKIP_REASON
 
 
@@ -21,3 +22,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Skip tests marked ``standby`` when ``DB_RETRY_TEST_DSN`` points the suite at one external server."""
     if item.get_closest_marker("standby") is not None and os.environ.get(DSN_ENV):
         pytest.skip(STANDBY_SKIP_REASON)
+
+
+@pytest.fixture(autouse=True)
+def _no_silent_hosts_from_earlier_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no host remembered as silent (the memory is per process; ports are reused)."""
+    monkeypatch.setattr(liveness, "_SILENT", {})

@@ -7,6 +7,7 @@ still acknowledges, so keepalives never fire, as behind a hung proxy or a stoppe
 import asyncio
 import os
 import socket
+import time
 import typing
 
 import pytest
@@ -248,3 +249,47 @@ def test_a_sync_engine_gets_keepalives_and_a_probed_connection(pg_cluster: Postg
                 assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
     finally:
         engine.dispose()
+
+
+async def test_a_host_found_silent_is_tried_last_by_a_driver_that_walks_the_hosts(
+    pg_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq (psycopg) tries the hosts of a multi-host DSN in order, each for its whole connect_timeout. Once
+    # the watchdog has found the first one silent, new connections try it last: none is even attempted
+    # there, where without it each would wait connect_timeout on the silent host before the next one.
+    monkeypatch.setenv("DB_RETRY_PROBE_AFTER", "0.5")
+    monkeypatch.setenv("DB_RETRY_PROBE_TIMEOUT", "0.5")
+    primary, standby = pg_cluster.primary, pg_cluster.standbys[0]
+    async with TcpProxy(primary.host, primary.port) as proxy:
+        hosts = f"host={proxy.host}:{proxy.port}&host={standby.host}:{standby.port}"
+        engine = create_async_engine(
+            f"postgresql+psycopg://{primary.user}@/{primary.database}?{hosts}&target_session_attrs=any",
+            connect_args={"connect_timeout": 5},
+        )
+        try:
+            async with asyncio.timeout(30):
+                async with engine.connect() as connection:
+                    assert (await connection.execute(sa.text("SELECT inet_server_port()"))).scalar_one() == primary.port
+                    asyncio.get_running_loop().call_later(0.2, proxy.hang)
+                    with pytest.raises(sa.exc.OperationalError):  # cut by the watchdog
+                        await connection.execute(sa.text("SELECT pg_sleep(10)"))
+                accepted = proxy.connections_accepted
+                for _ in range(3):
+                    async with engine.connect() as connection:
+                        port = (await connection.execute(sa.text("SELECT inet_server_port()"))).scalar_one()
+                        assert port == standby.port
+                    await engine.dispose()  # a new connection each time
+                assert proxy.connections_accepted == accepted  # the silent host was not tried again
+        finally:
+            proxy.pass_through()
+            await engine.dispose()
+
+
+def test_only_hosts_found_silent_lately_move_and_never_all_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.monotonic()
+    silent = {("10.0.0.1", 5432): now, ("10.0.0.3", 5432): now - liveness.SILENT_MEMORY - 1}
+    monkeypatch.setattr(liveness, "_SILENT", silent)
+    hosts, ports = ["10.0.0.1", "10.0.0.2", "10.0.0.3"], ["5432", "5432", "5432"]
+    assert liveness.silent_last(hosts, ports) == (["10.0.0.2", "10.0.0.3", "10.0.0.1"], ports)
+    assert liveness.silent_last(["10.0.0.1"], ["5432"]) is None  # every host silent: the order is the DSN's
+    assert liveness.silent_last(hosts, ["5432"]) is None  # one port for every host: left to the driver
