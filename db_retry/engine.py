@@ -563,7 +563,7 @@ def _statement_failed(
         _mark(context, ErrorKind.OUTAGE)  # the statement was never sent; another connection will do
         return None
     if _is_node_role_error(code, error):
-        _node_role_failed(context, state)
+        _node_role_failed(context, state, code)
         return None
     lost = context.is_disconnect or code in LOST_CONNECTION_SQLSTATES or classify(error) is ErrorKind.AMBIGUOUS
     if lost and _autocommit(connection) and not _node_reports_read_only(state):
@@ -582,16 +582,18 @@ def _autocommit(connection: sa.Connection) -> bool:
     return bool(getattr(connection.connection.dbapi_connection, "autocommit", False))
 
 
-def _node_role_failed(context: ExceptionContext, state: ConnectionState) -> None:
+def _node_role_failed(context: ExceptionContext, state: ConnectionState, code: str | None) -> None:
     now = _node_reports_read_only(state)
-    if now is False and state.read_only_at_begin is False:
+    # Only a 25006 can be the caller's own doing: a standby's 0A000 ("cannot use serializable mode in a hot
+    # standby") comes from a standby whatever the connection last heard of the node's role.
+    if code == READ_ONLY_SQLSTATE and now is False and state.read_only_at_begin is False:
         # The node took writes when the transaction began and still does: the caller's own READ ONLY
         # transaction refused the write. Not transient. (A node that was read-only at BEGIN and is
         # writable now was demoted and came back: that is the node's doing, retried below.)
         _mark(context, None)
         return
     context.is_disconnect = True  # invalidates this connection and refreshes the pool
-    if now or state.read_only_at_begin:  # pragma: no branch - None: a server before 14 (the suite runs 15)
+    if now or state.read_only_at_begin or code == FEATURE_NOT_SUPPORTED:  # pragma: no branch - None: before 14
         # No usable node for writes right now, as when no host fits target_session_attrs: wait for one
         # within DB_RETRY_OUTAGE_TIMEOUT (a failover, an address that moves) rather than count attempts.
         _mark(context, ErrorKind.UNAVAILABLE)

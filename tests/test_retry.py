@@ -924,7 +924,11 @@ async def test_real_deadlock_between_two_sessions(engine: AsyncEngine) -> None:
             await transaction.commit()
 
     await asyncio.gather(lock_in_order(1, 2), lock_in_order(2, 1))
-    assert len(attempts) == 3  # the deadlock victim ran once more
+    # The deadlock victim ran once more. With no wait before it, its second run may take its first row again
+    # before the other transaction does, and deadlock with it once more (seen on a loaded machine): then the
+    # other one is the victim and runs twice too. Either way within the 3 attempts, each applied once.
+    assert len(attempts) in {3, 4}
+    assert max(attempts.count(1), attempts.count(2)) == 2
     async with engine.connect() as connection:
         notes = (await connection.execute(sa.text("SELECT note FROM retry_items ORDER BY id"))).scalars().all()
     assert sorted(notes[0]) == sorted(notes[1]) == ["1", "2"]  # each transaction applied once to each row
