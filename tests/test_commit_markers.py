@@ -15,12 +15,13 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from test_commit_resolution import _on_commit, _refuse_new_connections  # the same faults, shared
 
 from db_retry import CommitOutcomeUnknownError, Transaction, markers, postgres_retry
 from db_retry.cli import main
 from db_retry.engine import CommitNotAppliedError, resolution
 from db_retry.testing import PostgresCluster, PostgresNode, faults
-from db_retry.testing.proxy import FrontendMessage, ProxyMode, TcpProxy, query_starts_with
+from db_retry.testing.proxy import FrontendMessage, TcpProxy
 
 
 pytestmark = pytest.mark.standby
@@ -73,24 +74,6 @@ async def _write(
             await transaction.session.execute(INSERT, {"key": key})
             before_commit()
             await transaction.commit()
-
-
-def _on_commit(proxy: TcpProxy, action: collections.abc.Callable[[], None]) -> None:
-    """Cut right after COMMIT, and run ``action`` the moment the proxy forwards it (before the server answers)."""
-    is_commit = query_starts_with("COMMIT")
-
-    def predicate(message: FrontendMessage) -> bool:
-        if not is_commit(message):
-            return False
-        action()
-        return True
-
-    proxy.cut_after(predicate)
-
-
-def _refuse_new_connections(proxy: TcpProxy) -> None:
-    # The connection carrying COMMIT keeps going; every new one is reset, as if the address went away.
-    proxy._mode = ProxyMode.CUT
 
 
 async def _fail_over_during_commit(
