@@ -432,6 +432,11 @@ def _limit_server_time(connection: sa.Connection, deadline: CallDeadline) -> Non
         # SQLAlchemy does not handle errors raised in its begin event: left alone, a connection the server
         # closed would go back to the pool and be handed out again and again. It is discarded here; the
         # error (a lost connection) propagates to the retry.
+        if _is_node_role_error(sqlstate_on_chain(exc), exc):
+            # The drivers send the transaction's BEGIN with its first statement, this one: a standby refuses
+            # a SERIALIZABLE BEGIN here (behind a proxy that still leads to the old leader). Wait for a
+            # writable node, as for the same refusal of any other statement.
+            exc.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
         dbapi_connection.invalidate(exc)
         raise
 

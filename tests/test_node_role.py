@@ -16,9 +16,9 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from db_retry import ErrorKind, RetryEvent, postgres_retry
+from db_retry import ErrorKind, RetryEvent, Transaction, postgres_retry
 from db_retry.retriable import classify
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.proxy import TcpProxy
@@ -166,6 +166,51 @@ async def test_a_standby_refusing_serializable_does_not_poison_the_pool(
                 assert classify(caught.value) is ErrorKind.UNAVAILABLE
         finally:
             await engine.dispose()
+
+
+STYLES: typing.Final = ("engine.begin()", "session.begin()", "Transaction")
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_under_a_deadline_a_standby_refusing_serializable_is_waited_for_not_failed(
+    pg_cluster: PostgresCluster, driver: str, style: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With deadline=, the time left is set as the transaction's first statement, from SQLAlchemy's begin
+    # event: the drivers send BEGIN ISOLATION LEVEL SERIALIZABLE with it, so a standby's 0A000 comes from
+    # there, outside SQLAlchemy's error handling. It must still be "no writable node yet" (CI saw 7 calls
+    # through HAProxy fail with it at once after a switchover), not an error of the caller's.
+    monkeypatch.setenv("DB_RETRY_OUTAGE_TIMEOUT", "0.5")
+    engine = create_async_engine(pg_cluster.standbys[0].dsn(driver=driver), pool_size=POOL_SIZE)
+    events: list[RetryEvent] = []
+
+    @postgres_retry(deadline=20, on_retry=events.append)
+    async def read() -> int:
+        if style == "engine.begin()":
+            async with engine.connect() as connection:
+                serializable = await connection.execution_options(isolation_level="SERIALIZABLE")
+                async with serializable.begin():
+                    return int((await serializable.execute(sa.text("SELECT 1"))).scalar_one())
+        session = AsyncSession(engine)
+        if style == "session.begin()":
+            async with session, session.begin():
+                await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+                return int((await session.execute(sa.text("SELECT 1"))).scalar_one())
+        async with Transaction(session=session, isolation_level="SERIALIZABLE") as transaction:
+            value = int((await transaction.session.execute(sa.text("SELECT 1"))).scalar_one())
+            await transaction.commit()
+            return value
+
+    try:
+        assert len(await _backends(engine)) == POOL_SIZE  # warm: the standby serves plain reads
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - the driver's own class, either driver
+            await read()
+    finally:
+        await engine.dispose()
+    assert "cannot use serializable mode in a hot standby" in str(caught.value)
+    assert classify(caught.value) is ErrorKind.UNAVAILABLE
+    assert len(events) >= 2  # waited for a writable node within the outage budget, not one attempt and out
+    assert {(event.kind, event.sqlstate) for event in events} == {(ErrorKind.UNAVAILABLE, "0A000")}
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
