@@ -52,7 +52,7 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import await_only, greenlet_spawn
 from sqlalchemy.util.concurrency import in_greenlet
 
-from db_retry import markers
+from db_retry import markers, turns
 from db_retry.liveness import QUICK, Wire, cancel_at_once, silent_last, tune_socket
 from db_retry.retriable import (
     LOST_AT_COMMIT,
@@ -407,8 +407,33 @@ def _on_begin(connection: sa.Connection) -> None:
     if _wants_resolution(connection):
         _install_resolution(connection.engine)
     deadline = call_deadline.get()
+    request = turns.requested.get()
+    if request is not None and request.holder is None:  # a hot call site: this transaction takes its turn
+        _take_turn(connection, state, request, deadline)
     if deadline is not None:
         _limit_server_time(connection, deadline)
+
+
+def _take_turn(
+    connection: sa.Connection, state: ConnectionState, request: turns.TurnRequest, deadline: CallDeadline | None
+) -> None:
+    """Wait for the call site's turn on the server before the caller's first statement (:mod:`db_retry.turns`)."""
+    time_left = None if deadline is None else deadline.at - asyncio.get_running_loop().time()
+    dbapi_connection = connection.connection
+    try:
+        held = turns.take(dbapi_connection, request, connection.dialect.paramstyle, time_left=time_left)
+    except BaseException as exc:
+        _begin_statement_failed(dbapi_connection, exc)
+        raise
+    if held:
+        request.holder = state
+
+
+def _release_turn(state: ConnectionState) -> None:
+    """The transaction ends (COMMIT or ROLLBACK is on its way): the call's next transaction asks again."""
+    request = turns.requested.get()
+    if request is not None and request.holder is state:
+        request.holder = None
 
 
 def _limit_server_time(connection: sa.Connection, deadline: CallDeadline) -> None:
@@ -428,17 +453,24 @@ def _limit_server_time(connection: sa.Connection, deadline: CallDeadline) -> Non
             cursor.execute(statement, parameters)
         finally:
             cursor.close()
-    except Exception as exc:
-        # SQLAlchemy does not handle errors raised in its begin event: left alone, a connection the server
-        # closed would go back to the pool and be handed out again and again. It is discarded here; the
-        # error (a lost connection) propagates to the retry.
-        if _is_node_role_error(sqlstate_on_chain(exc), exc):
-            # The drivers send the transaction's BEGIN with its first statement, this one: a standby refuses
-            # a SERIALIZABLE BEGIN here (behind a proxy that still leads to the old leader). Wait for a
-            # writable node, as for the same refusal of any other statement.
-            exc.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
-        dbapi_connection.invalidate(exc)
+    except BaseException as exc:
+        _begin_statement_failed(dbapi_connection, exc)
         raise
+
+
+def _begin_statement_failed(dbapi_connection: typing.Any, exc: BaseException) -> None:  # noqa: ANN401 - any driver
+    """A statement of the ``begin`` listener failed or was cancelled: discard its connection, mark what it means.
+
+    SQLAlchemy does not handle errors raised in its begin event: left alone, a connection the server closed
+    would go back to the pool and be handed out again and again. It is discarded here; the error (a lost
+    connection, a cancellation) propagates to the retry.
+    """
+    if isinstance(exc, Exception) and _is_node_role_error(sqlstate_on_chain(exc), exc):
+        # The drivers send the transaction's BEGIN with its first statement, this one: a standby refuses a
+        # SERIALIZABLE BEGIN here (behind a proxy that still leads to the old leader). Wait for a writable
+        # node, as for the same refusal of any other statement.
+        exc.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
+    dbapi_connection.invalidate(exc if isinstance(exc, Exception) else None)
 
 
 @event.listens_for(sa.engine.Engine, "commit")
@@ -447,6 +479,7 @@ def _on_commit(connection: sa.Connection) -> None:
     state = state_of(connection.info)
     state.phase = Phase.COMMITTING
     state.verdict = None
+    _release_turn(state)
     state.resolve = _wants_resolution(connection)
     _install(connection.engine.dialect)
     if state.resolve:
@@ -461,6 +494,7 @@ def _on_rollback(connection: sa.Connection) -> None:
         state = state_of(connection.info)
         state.phase = Phase.IDLE
         state.failed_in = None
+        _release_turn(state)
 
 
 def _note_notify(

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from db_retry import turns
 from db_retry.engine import (
     CallDeadline,
     CommitOutcomeUnknownError,
@@ -209,6 +210,67 @@ _HELD: typing.Final[contextvars.ContextVar[frozenset[int]]] = contextvars.Contex
 )
 
 
+# The key of ``_Policy.engaged`` that stands for the server turns (loops are keyed by their ``id``, never 0).
+_SERVER_KEY: typing.Final = 0
+# How long a call site keeps taking turns on the server after the last sign that its calls contend for the
+# same rows (a conflict, a probe that lost), unless its probes show first that they do not.
+_SERVER_HOLD: typing.Final = 5.0
+# After its turns lapsed, how long the site runs without them whatever happens: a site whose conflicts are
+# spread over many rows would otherwise be serialized again at its next conflict.
+_SERVER_COOLDOWN: typing.Final = 10.0
+# While the site takes turns, one first attempt in this many runs without one: a probe. Serialized, calls
+# of a site conflict with nobody; a probe conflicts with the turn running beside it only if they want the
+# same rows: a sign that the site is a hot spot still. Spread work passes its probes ...
+_PROBE_EVERY: typing.Final = 16
+# ... and this many passed in a row end its turns at once.
+_PROBES_PASSED: typing.Final = 8
+
+
+class _ServerTurns:
+    """Whether the calls of one call site take turns on the server (:mod:`db_retry.turns`), in every loop.
+
+    Per process: loops and threads share it, and every process of a service finds out for itself, at
+    its first conflict. Plain numbers, read and written from any thread without a lock: a lost update
+    delays a decision by one call at most.
+    """
+
+    __slots__ = ("calls", "key", "notify", "passed", "until")
+
+    def __init__(self, key: int, notify: typing.Callable[[bool], None]) -> None:
+        self.key = key
+        self.notify = notify  # True when engaged (the decorator's "is it hot?" check must see it)
+        self.until = 0.0  # time.monotonic() at which the turns lapse unless the site contends again
+        self.calls = 0  # first attempts while engaged, for picking probes
+        self.passed = 0  # probes in a row that did not conflict
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def contended(self) -> bool:
+        """Calls of the site conflict: take turns for a while; False while cooling down."""
+        now = time.monotonic()
+        if self.until <= now < self.until + _SERVER_COOLDOWN:
+            return False  # the last turns lapsed: not again so soon
+        was = now < self.until
+        self.until = now + _SERVER_HOLD
+        self.passed = 0
+        if not was:
+            self.notify(True)  # noqa: FBT003 - a callback's one argument
+        return True
+
+    def probe_due(self) -> bool:
+        self.calls += 1
+        return self.calls % _PROBE_EVERY == 0
+
+    def probe_passed(self) -> None:
+        self.passed += 1
+        if self.passed >= _PROBES_PASSED and self.active():
+            self.until = time.monotonic()  # the site's conflicts were not over the same rows: lapse now
+
+    def request(self, patience: float) -> turns.TurnRequest | None:
+        return turns.TurnRequest(key=self.key, patience=patience) if self.active() else None
+
+
 class _HotSpot:
     """Turns for the calls of one decorated function in one event loop, while it is a hot spot (AIMD).
 
@@ -218,9 +280,11 @@ class _HotSpot:
 
     - a conflict halves the limit (down to 1); a call that gets through raises it by
       ``_INCREASE / limit``; once the limit holds nobody back, the function runs freely again;
-    - a conflict at a limit of 1 came from outside this loop (another process, another function):
-      turns pause for a full-jitter wait that doubles with each such conflict, so processes that
-      share the hot spot spread out like one call's retries do;
+    - a conflict at a limit of 1 came from outside this loop (another process or event loop): the
+      call site takes turns on the server too (``_ServerTurns``), and the limit stays where it is
+      while it does; a conflict at a limit of 1 while it already does (a rival that takes no turns:
+      another function, another client) pauses turns for a full-jitter wait that doubles with each
+      such conflict, so that rivals spread out like one call's retries do;
     - the newest waiter goes first, so most calls pass quickly, but any waiter older than
       ``_FAIR_AFTER`` goes before it, so none waits much longer than that;
     - a call waits at most ``patience`` seconds, then goes ahead without a turn; a nested or
@@ -234,13 +298,21 @@ class _HotSpot:
         "pause",
         "resume_at",
         "running",
+        "server",
         "uniform",
         "waiters",
         "waking_at",
     )
 
-    def __init__(self, notify: typing.Callable[[bool], None], *, uniform: Uniform = random.uniform) -> None:
+    def __init__(
+        self,
+        notify: typing.Callable[[bool], None],
+        server: _ServerTurns,
+        *,
+        uniform: Uniform = random.uniform,
+    ) -> None:
         self.notify = notify  # True when engaged, False when released (called in the spot's loop)
+        self.server = server
         self.uniform = uniform
         self.limit = math.inf
         self.running = 0
@@ -279,10 +351,18 @@ class _HotSpot:
                 self.running -= 1
             self._wake()
 
+    def engage_alone(self) -> None:
+        """The call site takes turns on the server: one call of this loop at a time asks for them."""
+        if not self.engaged:
+            self.notify(True)  # noqa: FBT003 - a callback's one argument
+        self.limit = 1.0
+
     def _conflicted(self) -> None:
         if not self.engaged:
             self.notify(True)  # noqa: FBT003 - a callback's one argument
-        elif self.limit <= 1 and self.running == 1:  # it ran alone here and still lost: the rival is elsewhere
+        elif self.limit <= 1 and self.running == 1 and not self.server.contended():
+            # It ran alone here and still lost: the rival is outside this loop, and the site cannot take
+            # turns on the server just now. Pause.
             base, cap = self.delays
             self.pause = min(cap, max(base, self.pause * 2))
             now = asyncio.get_running_loop().time()
@@ -293,6 +373,8 @@ class _HotSpot:
         if not self.engaged:
             return
         self.pause *= _PAUSE_DECAY
+        if self.server.active():  # the limit stays while the site takes turns on the server
+            return
         self.limit += _INCREASE / self.limit
         if self.limit > self.running + len(self.waiters) + 1:  # the limit no longer holds anyone back
             self.limit = math.inf
@@ -348,6 +430,29 @@ def _give_up_waiting(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
+class _CancelWatch:
+    """Notices a cancellation of the calling task that a layer below swallowed, and raises it again.
+
+    A cancellation can be lost under the retry: CPython 3.11's ``asyncio.wait_for`` drops one that
+    arrives as the awaited operation completes, and a driver or a callback may catch it. The task
+    still counts the request (``Task.cancelling()``), so at each retry boundary a request made since
+    the first failure that nobody acted on is raised here: the caller's timeout or shutdown is not
+    outlived by more attempts (seen once: a call under ``asyncio.timeout(0.1)`` during a crash
+    restart ran on for 1 s and returned).
+    """
+
+    __slots__ = ("requested", "task")
+
+    def __init__(self) -> None:
+        self.task = asyncio.current_task()
+        self.requested = self.task.cancelling() if self.task is not None else 0
+
+    def check(self) -> None:
+        if self.task is not None and self.task.cancelling() > self.requested:
+            msg = "db-retry: the call was cancelled while it was being retried"
+            raise asyncio.CancelledError(msg)
+
+
 _OWNERS: typing.Final = (AsyncSession, orm.Session, AsyncConnection, sa.Connection)
 
 
@@ -386,10 +491,16 @@ class _Policy:
     )
     # The loops where the function is a hot spot, by id: the decorator's "is it hot?" check is this dict's truth.
     # Weak references without callbacks; an entry whose loop ended while engaged is dropped by ``run_hot``.
-    engaged: dict[int, weakref.ref[asyncio.AbstractEventLoop]] = dataclasses.field(default_factory=dict)
+    engaged: dict[int, weakref.ref[asyncio.AbstractEventLoop] | None] = dataclasses.field(default_factory=dict)
     # Guards ``spots`` and ``engaged``. Never taken from a finalizer or a weakref callback: a collection
     # that ran one while this thread held the lock would deadlock.
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Turns on the server, for every loop and thread of this process; engaged under ``engaged``'s key 0.
+    server: _ServerTurns = dataclasses.field(init=False)
+    site: dataclasses.InitVar[int] = 0
+
+    def __post_init__(self, site: int) -> None:
+        object.__setattr__(self, "server", _ServerTurns(site, self._mark_server_turns))
 
     def hot_spot(self) -> _HotSpot:
         """The function's contention state in the running event loop (each loop, so each thread, has its own)."""
@@ -397,8 +508,15 @@ class _Policy:
         with self.lock:
             spot = self.spots.get(loop)
             if spot is None:
-                spot = self.spots[loop] = _HotSpot(self._mark_engaged)
+                spot = self.spots[loop] = _HotSpot(self._mark_engaged, self.server)
         return spot
+
+    def _mark_server_turns(self, engaged: bool) -> None:  # noqa: FBT001 - the server turns' callback
+        with self.lock:
+            if engaged:
+                self.engaged[_SERVER_KEY] = None
+            else:
+                self.engaged.pop(_SERVER_KEY, None)
 
     def _mark_engaged(self, engaged: bool) -> None:  # noqa: FBT001 - the hot spot's callback
         """The function became (or stopped being) a hot spot in the running loop."""
@@ -413,6 +531,10 @@ class _Policy:
         """Drop the loops that were closed or collected while the function was a hot spot there."""
         with self.lock:
             for key, ref in list(self.engaged.items()):
+                if ref is None:  # the server turns: over once their time is up
+                    if not self.server.active():
+                        del self.engaged[key]
+                    continue
                 loop = ref()
                 if loop is None or loop.is_closed():
                     del self.engaged[key]
@@ -423,16 +545,46 @@ class _Policy:
         """A first attempt while the function is a hot spot in some loop: take a turn if it is one in this loop."""
         self._forget_ended_loops()
         spot = self.hot_spot()
+        if self.server.active():
+            if self.server.probe_due():
+                return await self.probe(call, args, kwargs)
+            spot.engage_alone()
         try:
             if not spot.engaged:
-                return await call()
+                return await self.attempt(call, _PATIENCE)
             async with spot.turn(patience=_PATIENCE, retry=False):
-                return await call()
+                return await self.attempt(call, _PATIENCE)
         except Exception as exc:
             if self.retried_kind(exc) is None:
                 raise
             first_error = exc
         return await self.run(first_error, call, args, kwargs)
+
+    async def probe(
+        self, call: typing.Callable[[], typing.Awaitable[_T]], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> _T:
+        """A first attempt without any turn while the site takes them (``_PROBE_EVERY``): does it still conflict."""
+        try:
+            result = await call()
+        except Exception as exc:
+            if self.retried_kind(exc) is None:
+                raise
+            first_error = exc  # a conflict: it lost to the turn beside it, the site is still a hot spot (``run``)
+        else:
+            self.server.probe_passed()
+            return result
+        return await self.run(first_error, call, args, kwargs)
+
+    async def attempt(self, call: typing.Callable[[], typing.Awaitable[_T]], patience: float) -> _T:
+        """One attempt; while the site takes turns on the server, its transactions take them."""
+        request = self.server.request(patience)
+        if request is None:
+            return await call()
+        token = turns.requested.set(request)
+        try:
+            return await call()
+        finally:
+            turns.requested.reset(token)
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -449,6 +601,8 @@ class _Policy:
     ) -> _T:
         """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
         settings = self._settings(first_error)
+        if classify(first_error) is ErrorKind.CONFLICT:
+            self.server.contended()  # rivals in any process or loop: from now on they take turns on the server
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
             conflict_timeout=settings.conflict_timeout,
@@ -478,6 +632,7 @@ class _Policy:
         )
         pending: Exception | None = first_error
         last: Exception = first_error
+        cancels = _CancelWatch()
         spot = self.hot_spot()
         spot.delays = (settings.conflict_delay, settings.conflict_max_delay)
         try:
@@ -487,11 +642,7 @@ class _Policy:
                         error, pending = pending, None
                         raise error  # the first attempt already ran: let tenacity account for it
                     try:
-                        if classify(last) is not ErrorKind.CONFLICT:
-                            return await call()
-                        patience = min(_PATIENCE, budget.remaining_after_conflict())
-                        async with spot.turn(patience=patience, retry=True):
-                            return await call()
+                        return await self.retry(call, spot, after=last, budget=budget, cancels=cancels)
                     except Exception as exc:
                         last = exc
                         raise
@@ -500,6 +651,28 @@ class _Policy:
             self._give_up(exc, retrying.statistics.get("attempt_number", 1), reason=reason)
             raise
         raise AssertionError  # pragma: no cover - tenacity either returns or raises
+
+    async def retry(
+        self,
+        call: typing.Callable[[], typing.Awaitable[_T]],
+        spot: _HotSpot,
+        *,
+        after: Exception,
+        budget: _Budget,
+        cancels: "_CancelWatch",
+    ) -> _T:
+        """One retry: after a conflict it takes a turn (in its loop, and on the server while the site takes them)."""
+        cancels.check()
+        patience = min(_PATIENCE, budget.remaining_after_conflict())
+        if classify(after) is not ErrorKind.CONFLICT:
+            result = await self.attempt(call, patience)
+        else:
+            if self.server.active():
+                spot.engage_alone()
+            async with spot.turn(patience=patience, retry=True):
+                result = await self.attempt(call, patience)
+        cancels.check()
+        return result
 
     def _stop(self, budget: _Budget) -> stop_base:
         """The built-in budget; or the caller's ``stop=``, which an explicit ``retries=`` still bounds."""
@@ -678,6 +851,7 @@ def postgres_retry(  # noqa: PLR0913 - every knob is keyword-only and optional
         if how is not None:
             f = resolving_commits(f, how)
         policy = _Policy(
+            site=turns.site_key(getattr(f, "__module__", "") or "", getattr(f, "__qualname__", repr(f))),
             function=getattr(f, "__qualname__", repr(f)),
             retries=retries,
             timeout=timeout,

@@ -2,11 +2,13 @@
 
 import asyncio
 import collections.abc
+import contextlib
 import gc
 import inspect
 import logging
 import random
 import threading
+import time
 import typing
 import warnings
 import weakref
@@ -225,7 +227,6 @@ async def _spin(turns: int = 200) -> None:
 
 async def test_calls_do_not_wait_for_a_call_retrying_a_conflict() -> None:
     release = asyncio.Event()
-    pair = asyncio.Barrier(2)
 
     async def held_sleep(_: float) -> None:
         await release.wait()  # keeps the first call between its conflict and its retry
@@ -234,18 +235,18 @@ async def test_calls_do_not_wait_for_a_call_retrying_a_conflict() -> None:
     async def work(name: str) -> str:
         if name == "conflicted" and not release.is_set():
             raise _Coded("40001")
-        if name != "conflicted":
-            await pair.wait()  # the two fresh calls need each other: neither may queue behind the other
         return name
 
     retrying = asyncio.create_task(work("conflicted"))
     await _spin()
-    fresh = [asyncio.create_task(work("a")), asyncio.create_task(work("b"))]
+    # The conflict made the site take turns (one call of this loop at a time): a fresh call still does not wait
+    # for the call that sleeps between its conflict and its retry, which holds no turn.
+    fresh = asyncio.create_task(work("a"))
     await _spin()
-    assert all(task.done() for task in fresh)
+    assert fresh.done()
     release.set()
     assert await retrying == "conflicted"
-    assert [task.result() for task in fresh] == ["a", "b"]
+    assert fresh.result() == "a"
 
 
 def _same_named() -> collections.abc.Callable[
@@ -298,11 +299,12 @@ async def test_a_nested_or_recursive_call_inside_a_turn_does_not_wait_for_it() -
     assert attempts == {0: 3, 1: 3}
 
 
-def test_event_loops_in_two_threads_do_not_share_turns() -> None:
+def test_a_turn_held_in_one_threads_loop_holds_no_call_in_another() -> None:
+    # Loops share the site's turns on the server (test_turns.py), never their in-loop turns: a call that holds
+    # its turn in one loop does not keep a call of another loop waiting in the client.
     hot_in_first = threading.Event()
     finish_first = threading.Event()
     attempts: collections.Counter[str] = collections.Counter()
-    barrier: dict[str, asyncio.Barrier] = {}
 
     @postgres_retry(sleep=_no_sleep)
     async def work(role: str) -> str:
@@ -312,8 +314,6 @@ def test_event_loops_in_two_threads_do_not_share_turns() -> None:
                 raise _Coded("40001")
             hot_in_first.set()
             await asyncio.to_thread(finish_first.wait)  # holds its turn there
-        else:
-            await barrier["pair"].wait()  # two calls in the second loop that need each other
         return role
 
     first = threading.Thread(target=lambda: asyncio.run(work("hot")))
@@ -322,19 +322,18 @@ def test_event_loops_in_two_threads_do_not_share_turns() -> None:
     done: list[bool] = []
 
     async def second_loop() -> None:
-        barrier["pair"] = asyncio.Barrier(2)
-        pair = [asyncio.create_task(work("pair")) for _ in range(2)]
+        other = asyncio.create_task(work("other"))
         await _spin()
-        done.extend(task.done() for task in pair)
+        done.append(other.done())
         finish_first.set()
-        await asyncio.gather(*pair)
+        await other
 
     second = threading.Thread(target=lambda: asyncio.run(second_loop()))
     second.start()
     second.join(timeout=30)
     first.join(timeout=30)
-    assert done == [True, True]
-    assert attempts == {"hot": 3, "pair": 2}
+    assert done == [True]
+    assert attempts == {"hot": 3, "other": 1}
 
 
 async def test_a_wait_for_a_turn_that_runs_out_leaves_no_timeout_as_context(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -472,7 +471,8 @@ def _spot(
     uniform: collections.abc.Callable[[float, float], float] = lambda _, high: high,
 ) -> "tuple[retry_module._HotSpot, list[bool]]":
     notified: list[bool] = []
-    return retry_module._HotSpot(notified.append, uniform=uniform), notified
+    server = retry_module._ServerTurns(0, notified.append)
+    return retry_module._HotSpot(notified.append, server, uniform=uniform), notified
 
 
 async def _conflict_in(spot: "retry_module._HotSpot", *, retry: bool = True) -> None:
@@ -560,18 +560,27 @@ async def test_waiters_go_newest_first_unless_one_waited_past_the_fairness_bound
     assert order == ["holder", "old", "middle", "new"]
 
 
-async def test_a_conflict_while_running_alone_pauses_the_turns_for_a_growing_jittered_wait() -> None:
+async def test_a_conflict_while_running_alone_takes_turns_on_the_server_then_pauses_for_a_growing_jittered_wait() -> (
+    None
+):
     draws: list[float] = []
 
     def highest(_: float, high: float) -> float:
         draws.append(high)
         return high
 
-    spot, _ = _spot(highest)
+    spot, notified = _spot(highest)
     spot.delays = (0.001, 0.004)
     await _conflict_in(spot)  # engages, limit 1
+    assert notified == [True]
+    await _conflict_in(spot)  # alone at a limit of 1: the rival is in another process or loop
+    assert spot.server.active()  # ... so the site takes turns on the server, without a pause
+    assert notified == [True, True]
+    assert draws == []
+    spot.server.until = time.monotonic() - 0.001  # the turns lapsed: they cool down before they may come back
     for _ in range(4):
-        await _conflict_in(spot)  # alone at a limit of 1: the rival is in another process
+        await _conflict_in(spot)  # alone at a limit of 1, and no turns on the server to take: pause
+    assert not spot.server.active()
     assert draws == [0.001, 0.002, 0.004, 0.004]
     loop = asyncio.get_running_loop()
     assert spot.resume_at > loop.time()
@@ -659,7 +668,13 @@ def _collect() -> None:
         gc.collect()
 
 
-def test_event_loops_where_the_function_was_a_hot_spot_are_not_kept_and_the_fast_path_comes_back() -> None:
+SHORT_HOLD: typing.Final = 0.05  # seconds a site takes turns on the server after its last outside conflict
+
+
+def test_event_loops_where_the_function_was_a_hot_spot_are_not_kept_and_the_fast_path_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(retry_module, "_SERVER_HOLD", SHORT_HOLD)
     work, policy = _hot_in_each_loop()
     loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
     paused: list[bool] = []
@@ -668,7 +683,8 @@ def test_event_loops_where_the_function_was_a_hot_spot_are_not_kept_and_the_fast
         loops.append(weakref.ref(asyncio.get_running_loop()))
         await work(3, run)
         spot = policy.hot_spot()
-        paused.append(spot.engaged and spot.pause > 0)
+        # The 3rd conflict, alone in the loop, engages the server turns, or pauses if they already are.
+        paused.append(spot.engaged and (spot.pause > 0 or policy.server.active()))
 
     for run in range(50):
         asyncio.run(hot(run))
@@ -676,37 +692,43 @@ def test_event_loops_where_the_function_was_a_hot_spot_are_not_kept_and_the_fast
     _collect()
     assert [loop for loop in (ref() for ref in loops) if loop is not None] == []
     assert policy.engaged  # loops that ended while hot: the next call that sees them drops them
+    time.sleep(SHORT_HOLD)  # the server turns end too
     asyncio.run(work(0, 0))
     assert policy.engaged == {}  # nothing hot any more: calls take the bare success path again
 
 
-def test_a_closed_loop_is_forgotten_and_a_live_hot_loop_is_kept() -> None:
+def test_a_closed_loop_is_forgotten_and_a_live_hot_loop_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry_module, "_SERVER_HOLD", SHORT_HOLD)
     work, policy = _hot_in_each_loop()
     live, closed = asyncio.new_event_loop(), asyncio.new_event_loop()
     try:
         live.run_until_complete(work(3, 1))
         closed.run_until_complete(work(3, 2))
         closed.close()  # still referenced here, but it can never run the function again
-        assert set(policy.engaged) == {id(live), id(closed)}
+        assert set(policy.engaged) - {retry_module._SERVER_KEY} == {id(live), id(closed)}
+        time.sleep(SHORT_HOLD)
         asyncio.run(work(0, 0))
         assert set(policy.engaged) == {id(live)}  # still hot there
     finally:
         live.close()
 
 
-def test_a_function_that_cools_down_in_a_loop_is_no_longer_hot_there() -> None:
+def test_a_function_that_cools_down_in_a_loop_is_no_longer_hot_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry_module, "_PROBE_EVERY", 1)
     work, policy = _hot_in_each_loop()
 
     async def cool_down() -> int:
         await work(2, 0)
-        assert set(policy.engaged) == {id(asyncio.get_running_loop())}
+        assert set(policy.engaged) == {id(asyncio.get_running_loop()), retry_module._SERVER_KEY}
         calls = 0
         while policy.engaged and calls < 100:
             await work(0, 0)
             calls += 1
         return calls
 
-    assert 0 < asyncio.run(cool_down()) < 20  # each success raises the limit; once it binds nobody, it is lifted
+    # Probes that pass end the server turns (8 in a row); then each success raises the loop's limit, and once it
+    # binds nobody, it is lifted.
+    assert retry_module._PROBES_PASSED < asyncio.run(cool_down()) < retry_module._PROBES_PASSED + 20
 
 
 class _ReentryProbe:
@@ -1142,3 +1164,45 @@ async def test_an_explicit_retries_still_bounds_a_custom_stop() -> None:
     with pytest.raises(_Coded):
         await postgres_retry(stop=tenacity.stop_after_attempt(4), sleep=_no_sleep)(work)()
     assert len(calls) == 4  # no retries=: the caller's stop alone decides
+
+
+async def test_a_cancellation_a_layer_below_swallowed_still_reaches_the_caller_at_the_next_retry() -> None:
+    # A layer under the retry loses the caller's cancellation: CPython 3.11's asyncio.wait_for drops one that
+    # arrives as the awaited operation completes (in CI, a call under asyncio.timeout(0.1) in a crash restart
+    # ran on for 1 s and returned). Simulated here by catching it; the task still counts the request.
+    attempts = 0
+
+    @postgres_retry(retries=5, sleep=_no_sleep)
+    async def work() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+        if attempts <= 2:
+            raise _Coded("40001")
+        return "done"
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await work()
+    assert attempts == 2  # no attempt after the cancellation
+
+
+async def test_a_cancellation_swallowed_during_a_retry_that_then_succeeds_still_reaches_the_caller() -> None:
+    attempts = 0
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise _Coded("40001")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        return "done"
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await work()
+    assert attempts == 2
