@@ -217,13 +217,16 @@ _SERVER_KEY: typing.Final = 0
 _SERVER_HOLD: typing.Final = 5.0
 # After its turns lapsed, how long the site runs without them whatever happens: a site whose conflicts are
 # spread over many rows would otherwise be serialized again at its next conflict.
-_SERVER_COOLDOWN: typing.Final = 10.0
+_SERVER_COOLDOWN: typing.Final = 30.0
 # While the site takes turns, one first attempt in this many runs without one: a probe. Serialized, calls
 # of a site conflict with nobody; a probe conflicts with the turn running beside it only if they want the
 # same rows: a sign that the site is a hot spot still. Spread work passes its probes ...
-_PROBE_EVERY: typing.Final = 16
+_PROBE_EVERY: typing.Final = 8
 # ... and this many passed in a row end its turns at once.
-_PROBES_PASSED: typing.Final = 8
+_PROBES_PASSED: typing.Final = 32
+# Turns on the server are for rivals outside the loop: this many transactions in a row that found no rival
+# holding the turn end them (one process, one loop: its own turns do the work, without the round trip).
+_UNRIVALLED: typing.Final = 32
 
 
 class _ServerTurns:
@@ -234,7 +237,7 @@ class _ServerTurns:
     delays a decision by one call at most.
     """
 
-    __slots__ = ("calls", "key", "notify", "passed", "until")
+    __slots__ = ("calls", "cool_until", "key", "notify", "passed", "unrivalled", "until")
 
     def __init__(self, key: int, notify: typing.Callable[[bool], None]) -> None:
         self.key = key
@@ -242,6 +245,8 @@ class _ServerTurns:
         self.until = 0.0  # time.monotonic() at which the turns lapse unless the site contends again
         self.calls = 0  # first attempts while engaged, for picking probes
         self.passed = 0  # probes in a row that did not conflict
+        self.unrivalled = 0  # attempts in a row whose transactions found the turn free
+        self.cool_until = 0.0  # no turns before this time.monotonic(): probes showed the rows are spread
 
     def active(self) -> bool:
         return time.monotonic() < self.until
@@ -249,11 +254,11 @@ class _ServerTurns:
     def contended(self) -> bool:
         """Calls of the site conflict: take turns for a while; False while cooling down."""
         now = time.monotonic()
-        if self.until <= now < self.until + _SERVER_COOLDOWN:
-            return False  # the last turns lapsed: not again so soon
+        if now < self.cool_until:
+            return False  # probes ended the last turns: not again so soon
         was = now < self.until
         self.until = now + _SERVER_HOLD
-        self.passed = 0
+        self.passed = self.unrivalled = 0
         if not was:
             self.notify(True)  # noqa: FBT003 - a callback's one argument
         return True
@@ -265,7 +270,20 @@ class _ServerTurns:
     def probe_passed(self) -> None:
         self.passed += 1
         if self.passed >= _PROBES_PASSED and self.active():
-            self.until = time.monotonic()  # the site's conflicts were not over the same rows: lapse now
+            now = time.monotonic()
+            self.until = now  # the site's conflicts were not over the same rows: lapse now, and stay off
+            self.cool_until = now + _SERVER_COOLDOWN
+
+    def asked(self, request: turns.TurnRequest) -> None:
+        """An attempt whose transactions asked for the turn ended: note whether a rival was holding it."""
+        if request.waited:
+            self.unrivalled = 0
+            return
+        self.unrivalled += 1
+        if self.unrivalled >= _UNRIVALLED and self.active():
+            now = time.monotonic()
+            self.until = now  # nobody outside the loop takes turns here: the loop's own suffice, and stay off
+            self.cool_until = now + _SERVER_COOLDOWN
 
     def request(self, patience: float) -> turns.TurnRequest | None:
         return turns.TurnRequest(key=self.key, patience=patience) if self.active() else None
@@ -296,6 +314,7 @@ class _HotSpot:
         "limit",
         "notify",
         "pause",
+        "pinned",
         "resume_at",
         "running",
         "server",
@@ -313,6 +332,7 @@ class _HotSpot:
     ) -> None:
         self.notify = notify  # True when engaged, False when released (called in the spot's loop)
         self.server = server
+        self.pinned: float | None = None  # the limit before the server turns pinned it at 1 (``engage_alone``)
         self.uniform = uniform
         self.limit = math.inf
         self.running = 0
@@ -353,13 +373,26 @@ class _HotSpot:
 
     def engage_alone(self) -> None:
         """The call site takes turns on the server: one call of this loop at a time asks for them."""
+        if self.pinned is None:
+            self.pinned = self.limit
         if not self.engaged:
             self.notify(True)  # noqa: FBT003 - a callback's one argument
         self.limit = 1.0
 
+    def follow_server(self) -> None:
+        """Pin the limit at 1 while the site takes turns on the server; give back the loop's own after."""
+        if self.server.active():
+            self.engage_alone()
+        elif self.pinned is not None:
+            self.limit, self.pinned = max(self.limit, self.pinned), None
+            if not self.engaged:
+                self.notify(False)  # noqa: FBT003 - a callback's one argument
+            self._wake()
+
     def _conflicted(self) -> None:
         if not self.engaged:
             self.notify(True)  # noqa: FBT003 - a callback's one argument
+            self.server.contended()  # a retry lost again: the calls want the same rows, maybe in other processes too
         elif self.limit <= 1 and self.running == 1 and not self.server.contended():
             # It ran alone here and still lost: the rival is outside this loop, and the site cannot take
             # turns on the server just now. Pause.
@@ -545,10 +578,9 @@ class _Policy:
         """A first attempt while the function is a hot spot in some loop: take a turn if it is one in this loop."""
         self._forget_ended_loops()
         spot = self.hot_spot()
-        if self.server.active():
-            if self.server.probe_due():
-                return await self.probe(call, args, kwargs)
-            spot.engage_alone()
+        spot.follow_server()
+        if self.server.active() and self.server.probe_due():
+            return await self.probe(call, args, kwargs)
         try:
             if not spot.engaged:
                 return await self.attempt(call, _PATIENCE)
@@ -585,6 +617,7 @@ class _Policy:
             return await call()
         finally:
             turns.requested.reset(token)
+            self.server.asked(request)
 
     def retried_kind(self, exc: BaseException) -> ErrorKind | None:
         kind = classify(exc)
@@ -602,7 +635,7 @@ class _Policy:
         """Retry ``call`` under the policy; ``first_error`` is the failure of the attempt already made."""
         settings = self._settings(first_error)
         if classify(first_error) is ErrorKind.CONFLICT:
-            self.server.contended()  # rivals in any process or loop: from now on they take turns on the server
+            self.server.contended()  # rivals may be in other processes or loops: they find out at their first too
         budget = _Budget(
             attempts=self.retries if self.retries is not None else settings.retries_number,
             conflict_timeout=settings.conflict_timeout,
@@ -667,8 +700,7 @@ class _Policy:
         if classify(after) is not ErrorKind.CONFLICT:
             result = await self.attempt(call, patience)
         else:
-            if self.server.active():
-                spot.engage_alone()
+            spot.follow_server()
             async with spot.turn(patience=patience, retry=True):
                 result = await self.attempt(call, patience)
         cancels.check()

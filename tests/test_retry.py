@@ -470,8 +470,8 @@ async def test_conflicts_count_as_attempts_unless_a_conflict_time_budget_is_set(
 def _spot(
     uniform: collections.abc.Callable[[float, float], float] = lambda _, high: high,
 ) -> "tuple[retry_module._HotSpot, list[bool]]":
-    notified: list[bool] = []
-    server = retry_module._ServerTurns(0, notified.append)
+    notified: list[bool] = []  # the loop's own engagement (the server turns report theirs elsewhere)
+    server = retry_module._ServerTurns(0, lambda _: None)
     return retry_module._HotSpot(notified.append, server, uniform=uniform), notified
 
 
@@ -491,6 +491,11 @@ async def test_a_hot_spot_engages_on_a_repeated_conflict_and_is_released_when_th
     await _conflict_in(spot)  # a retry that conflicted again: engaged
     assert spot.limit == 1
     assert notified == [True]
+    assert spot.server.active()  # ... and the site takes turns on the server: the limit stays at 1 meanwhile
+    async with spot.turn(patience=1.0, retry=False):
+        pass
+    assert spot.limit == 1
+    spot.server.until = 0.0  # the server turns lapsed (no rival seen on the server: test_turns.py)
     successes = 0
     while spot.engaged:  # alone: released once the limit leaves a turn to spare
         async with spot.turn(patience=1.0, retry=False):
@@ -571,13 +576,14 @@ async def test_a_conflict_while_running_alone_takes_turns_on_the_server_then_pau
 
     spot, notified = _spot(highest)
     spot.delays = (0.001, 0.004)
-    await _conflict_in(spot)  # engages, limit 1
+    await _conflict_in(spot)  # a retry lost again: engages, limit 1, and the site takes turns on the server
     assert notified == [True]
-    await _conflict_in(spot)  # alone at a limit of 1: the rival is in another process or loop
-    assert spot.server.active()  # ... so the site takes turns on the server, without a pause
-    assert notified == [True, True]
-    assert draws == []
-    spot.server.until = time.monotonic() - 0.001  # the turns lapsed: they cool down before they may come back
+    assert spot.server.active()
+    await _conflict_in(spot)  # alone at a limit of 1: the rival is in another process or loop; turns go on
+    assert spot.server.active()
+    assert draws == []  # ... without a pause
+    spot.server.until = time.monotonic() - 0.001  # the turns lapsed (probes passed): they cool down
+    spot.server.cool_until = time.monotonic() + 60
     for _ in range(4):
         await _conflict_in(spot)  # alone at a limit of 1, and no turns on the server to take: pause
     assert not spot.server.active()

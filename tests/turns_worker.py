@@ -11,6 +11,7 @@ import collections
 import inspect
 import json
 import sys
+import time
 import typing
 
 import sqlalchemy as sa
@@ -65,10 +66,12 @@ async def main(params: dict[str, typing.Any]) -> dict[str, typing.Any]:
     engine = create_async_engine(params["dsn"], isolation_level="SERIALIZABLE", pool_size=params["workers"])
     ok = 0
     failed: collections.Counter[str] = collections.Counter()
+    failed_at: list[float] = []  # seconds from the start, for a failure's report
     try:
         await warm(engine, params["workers"])
         print("READY", flush=True)  # noqa: T201 - the test's protocol
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        started = time.monotonic()
 
         async def caller(number: int) -> None:
             nonlocal ok
@@ -78,13 +81,20 @@ async def main(params: dict[str, typing.Any]) -> dict[str, typing.Any]:
                     await bump(engine, style)
                 except Exception as exc:
                     failed[f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"] += 1
+                    failed_at.append(round(time.monotonic() - started, 3))
                 else:
                     ok += 1
 
         await asyncio.gather(*(caller(number) for number in range(params["workers"])))
     finally:
         await engine.dispose()
-    return {"ok": ok, "failed": dict(failed), "attempts": attempts, "server_turns": took_server_turns()}
+    return {
+        "ok": ok,
+        "failed": dict(failed),
+        "failed_at": failed_at,
+        "attempts": attempts,
+        "server_turns": took_server_turns(),
+    }
 
 
 async def warm(engine: AsyncEngine, size: int) -> None:
