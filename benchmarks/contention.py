@@ -1,26 +1,38 @@
-"""Contention: callers looping over one ``@postgres_retry`` call, alone, in one process, in several processes.
+"""Contention: callers looping over one ``@postgres_retry`` call, alone, in one process, in several, in two threads.
 
-Workloads (``WORKLOADS``; ``--workloads KEY ...`` picks some): the hot row (read one row and write it back + 1,
-SERIALIZABLE) with 1 worker, 32 workers, 4 processes x 8 workers; spread transfers between two random accounts out
-of 1000 with 32 workers and 4 processes x 8 workers; rare unrelated conflicts (10 ms of I/O per call, 2% of the
-calls lose one conflict) with 50 workers.
+Workloads (``WORKLOADS``; ``--workloads KEY ...`` picks some):
+
+- hot row: read one row and write it back + 1, SERIALIZABLE. 1 worker (``hot1``, the lone-worker yardstick of
+  the hot-row goals), 32 workers (``hot32``), 4 processes x 8 workers (``hot4x8``), and 2 threads x 1 event
+  loop each x 16 workers in one process (``hot2x16``: one decorated function object shared by both threads,
+  each thread with its own ``asyncio.run`` and its own engine);
+- spread: a transfer between two random accounts out of 1000, SERIALIZABLE: 32 workers (``spread32``),
+  4 processes x 8 workers (``spread4x8``);
+- rare: 10 ms of I/O per call, 2% of the calls lose one conflict (asyncpg's own ``SerializationError``,
+  raised in the process): 50 workers (``rare50``);
+- each again with the machine loaded (``KEY+hog``: a process spinning on every core for the whole round,
+  started before the round's scenario processes and killed after them).
 
 Child side: ``child`` runs one process's workers for ``duration`` seconds from a common start and returns every
 call's start, end and outcome. Driver side: ``bench`` runs each workload ``rounds`` times per package in
-alternating order and checks the hot counter and the conserved balances after every round; ``goals`` judges issue
-10's goals on the median of the per-round ratios.
+alternating order, checks the hot counter and the conserved balances after every round, and ``goals`` judges
+issue 17's goals (hot row against the lone worker's rate and 0.8.4's p99; spread and rare against 0.8.4; 0 failed
+calls everywhere, loaded too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import statistics
 import sys
+import threading
 import time
 import typing
 
@@ -118,8 +130,10 @@ async def child(params: Params) -> Result:
     ``workload``: ``hot`` (read then write one row, SERIALIZABLE), ``spread`` (a transfer between two
     random accounts, SERIALIZABLE), ``rare`` (I/O, then a short read; a share of the calls meet one
     conflict). After ``@READY`` it waits for ``go START_AT`` on stdin and starts then, so the processes of one
-    round start together.
+    round start together. With ``threads`` > 1, see ``threaded``.
     """
+    if params.get("threads", 1) > 1:
+        return await threaded(params)
     workers: int = params["workers"]
     engine = make_engine(params["dsn"], pool_size=workers)
     session_factory = async_sessionmaker(engine, expire_on_commit=False)
@@ -151,38 +165,125 @@ async def child(params: Params) -> Result:
     }
 
 
+async def threaded(params: Params) -> Result:
+    """``threads`` threads, each with its own event loop (``asyncio.run``) and engine, sharing one decorated function.
+
+    The function object decorated with ``@postgres_retry`` is the same in every thread; the thread's unit of work
+    (which holds its own session factory: an engine cannot serve two event loops) is its argument. Attempts are
+    counted under a lock. All threads start at the ``go`` time and stop at the same deadline.
+    """
+    threads: int = params["threads"]
+    workers: int = params["workers"]
+    lock = threading.Lock()
+    attempts = 0
+
+    @postgres_retry
+    async def run_once(unit: Unit, state: list[bool]) -> None:
+        nonlocal attempts
+        with lock:
+            attempts += 1
+        await unit(state)
+
+    ready = [threading.Event() for _ in range(threads)]
+    go = threading.Event()
+    start_at: list[float] = []  # set once, before `go`; empty if the round was called off
+
+    async def one_thread(number: int) -> tuple[list[Call], collections.Counter[str]]:
+        engine = make_engine(params["dsn"], pool_size=workers)
+        try:
+            session_factory = async_sessionmaker(engine, expire_on_commit=False)
+            unit = workload(params["workload"], params["seed"] * 100 + number, params, session_factory)
+            await fill_pool(engine, workers)
+            ready[number].set()
+            await asyncio.to_thread(go.wait)
+            if not start_at:
+                return [], collections.Counter()
+            await asyncio.sleep(max(0.0, start_at[0] - time.monotonic()))
+            return await loop_calls(functools.partial(run_once, unit), workers, start_at[0] + params["duration"])
+        finally:
+            await engine.dispose()
+
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-loop") as pool:
+        futures = [loop.run_in_executor(pool, asyncio.run, one_thread(number)) for number in range(threads)]
+        try:
+            while not all(event.is_set() for event in ready):
+                for future in futures:
+                    if future.done():
+                        future.result()  # a thread that failed before it was ready: its error
+                await asyncio.sleep(0.01)
+            emit("READY")
+            start_at.append(await wait_for_go())
+        finally:
+            go.set()  # also when called off: the threads return at once and the pool can shut down
+        results = await asyncio.gather(*futures)
+    finished = time.monotonic()
+    return {
+        "start": start_at[0],
+        "deadline": start_at[0] + params["duration"],
+        "finished": finished,
+        "calls": [call for calls, _ in results for call in calls],
+        "attempts": attempts,
+        "errors": dict(sum((errors for _, errors in results), collections.Counter())),
+    }
+
+
 # -- driver side ------------------------------------------------------------------------------------------
+RARE_IO_S: typing.Final = 0.01
+RARE_CONFLICT_SHARE: typing.Final = 0.02
+HOG_SUFFIX: typing.Final = "+hog"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Workload:
-    """One contention scenario: ``processes`` scenario processes of one package, ``workers`` callers each."""
+    """One contention workload: ``processes`` scenario processes of one package, ``threads`` x ``workers`` callers each.
+
+    ``goals`` names the goals that apply: ``hot``, ``spread``, ``rare`` (issue 17, against 0.8.4 and the lone
+    worker), ``loaded`` (0 failed calls with a CPU hog on every core), or None (``hot1``: the yardstick).
+    """
 
     key: str  # for --workloads and the JSON
     label: str
-    workload: str  # scenarios.py's name: hot, spread, rare
+    workload: str  # the child's unit of work: hot, spread, rare
     processes: int
     workers: int
-    zero_failures: bool  # issue 10: no failed call with the default settings
-    goals: bool = True  # issue 10's goals apply (not to the one-worker yardstick)
+    threads: int = 1
+    goals: typing.Literal["hot", "spread", "rare", "loaded"] | None
+    loaded: bool = False  # a CPU hog on every core during each round
+
+    @property
+    def zero_failures(self) -> bool:
+        return self.goals is not None
+
+    def under_load(self) -> Workload:
+        return dataclasses.replace(
+            self,
+            key=self.key + HOG_SUFFIX,
+            label=f"{self.label}, CPU hog on every core",
+            goals="loaded",
+            loaded=True,
+        )
 
 
-WORKLOADS: typing.Final = (
-    Workload(
-        key="hot1",
-        label="hot row, 1 worker",
-        workload="hot",
-        processes=1,
-        workers=1,
-        zero_failures=False,
-        goals=False,
-    ),
-    Workload(key="hot32", label="hot row, 32 workers", workload="hot", processes=1, workers=32, zero_failures=False),
+BASE_WORKLOADS: typing.Final = (
+    Workload(key="hot1", label="hot row, 1 worker", workload="hot", processes=1, workers=1, goals=None),
+    Workload(key="hot32", label="hot row, 32 workers", workload="hot", processes=1, workers=32, goals="hot"),
     Workload(
         key="hot4x8",
         label="hot row, 4 processes x 8 workers",
         workload="hot",
         processes=4,
         workers=8,
-        zero_failures=False,
+        goals="hot",
+    ),
+    Workload(
+        key="hot2x16",
+        label="hot row, 2 threads x 1 event loop each x 16 workers",
+        workload="hot",
+        processes=1,
+        threads=2,
+        workers=16,
+        goals="hot",
     ),
     Workload(
         key="spread32",
@@ -190,7 +291,7 @@ WORKLOADS: typing.Final = (
         workload="spread",
         processes=1,
         workers=32,
-        zero_failures=True,
+        goals="spread",
     ),
     Workload(
         key="spread4x8",
@@ -198,7 +299,7 @@ WORKLOADS: typing.Final = (
         workload="spread",
         processes=4,
         workers=8,
-        zero_failures=True,
+        goals="spread",
     ),
     Workload(
         key="rare50",
@@ -206,11 +307,22 @@ WORKLOADS: typing.Final = (
         workload="rare",
         processes=1,
         workers=50,
-        zero_failures=True,
+        goals="rare",
     ),
 )
-RARE_IO_S: typing.Final = 0.01
-RARE_CONFLICT_SHARE: typing.Final = 0.02
+# Every workload, then each again under a CPU hog (KEY+hog): what --workloads accepts.
+WORKLOADS: typing.Final = (*BASE_WORKLOADS, *(workload.under_load() for workload in BASE_WORKLOADS))
+# What a run does without --workloads: issue 17's workloads, plain and loaded (the lone worker plain only).
+DEFAULT_WORKLOADS: typing.Final = tuple(workload.key for workload in WORKLOADS if workload.key != "hot1" + HOG_SUFFIX)
+YARDSTICK: typing.Final = "hot1"  # the lone worker: the hot-row goals' calls/s are measured against its rate
+
+
+def selected(keys: typing.Iterable[str]) -> list[Workload]:
+    """The workloads named, in ``WORKLOADS`` order, with the lone worker first whenever a hot-row goal needs it."""
+    wanted = set(keys)
+    if any(workload.goals == "hot" and workload.key in wanted for workload in WORKLOADS):
+        wanted.add(YARDSTICK)
+    return [workload for workload in WORKLOADS if workload.key in wanted]
 
 
 async def contention_run(
@@ -222,35 +334,42 @@ async def contention_run(
         BALANCE,
         BenchmarkError,
         Scenario,
+        cpu_hog,
         ms,
         percentile,
     )
 
-    duration = context.settings.duration
+    duration = duration_of(context, workload)
     await primary.execute("UPDATE bench_counter SET n = 0 WHERE id = 1")
     await primary.execute("UPDATE bench_accounts SET moves = 0")
     base = {
         "dsn": primary.dsn(driver="asyncpg"),
         "workers": workload.workers,
+        "threads": workload.threads,
         "duration": duration,
         "workload": workload.workload,
         "accounts": ACCOUNTS,
         "io_s": RARE_IO_S,
         "conflict_share": RARE_CONFLICT_SHARE,
     }
-    async with contextlib.AsyncExitStack() as stack:
-        processes = [
-            await stack.enter_async_context(
-                Scenario(context, package, "contention", base | {"seed": 1000 * round_number + number})
-            )
-            for number in range(workload.processes)
-        ]
-        for process in processes:
-            await process.expect("READY", timeout=60)
-        start_at = time.monotonic() + 0.2
-        for process in processes:
-            process.send(f"go {start_at}")
-        results = [await process.expect("RESULT", timeout=duration + 120) for process in processes]
+    # The hog spins from before the round's processes start until they have all exited, also on an error.
+    hog: contextlib.AbstractContextManager[list[int]] = (
+        cpu_hog(limit_s=duration + 600) if workload.loaded else contextlib.nullcontext([])
+    )
+    with hog as hogs:
+        async with contextlib.AsyncExitStack() as stack:
+            processes = [
+                await stack.enter_async_context(
+                    Scenario(context, package, "contention", base | {"seed": 1000 * round_number + number})
+                )
+                for number in range(workload.processes)
+            ]
+            for process in processes:
+                await process.expect("READY", timeout=60)
+            start_at = time.monotonic() + 0.2
+            for process in processes:
+                process.send(f"go {start_at}")
+            results = [await process.expect("RESULT", timeout=duration + 120) for process in processes]
     calls = [call for result in results for call in result["calls"]]
     succeeded = sum(1 for *_, ok in calls if ok)
     what = f"{workload.label} ({package.name})"
@@ -267,7 +386,7 @@ async def contention_run(
             raise BenchmarkError(msg)
     window = statistics.median(result["deadline"] - result["start"] for result in results)
     latencies = [end - start for start, end, _ in calls]
-    return {
+    run: dict[str, typing.Any] = {
         "calls": len(calls),
         "calls_per_s": sum(
             1 for result in results for _, end, ok in result["calls"] if ok and end <= result["deadline"]
@@ -280,6 +399,9 @@ async def contention_run(
         "p99_ms": ms(percentile(latencies, 99)),
         "max_ms": ms(max(latencies, default=math.nan)),
     }
+    if hogs:
+        run["hogs"] = len(hogs)
+    return run
 
 
 CONTENTION_METRICS: typing.Final = (
@@ -289,6 +411,10 @@ CONTENTION_METRICS: typing.Final = (
     ("failed", "calls failed after retries, per round"),
     ("attempts_per_call", "attempts per call"),
 )
+
+
+def duration_of(context: Context, workload: Workload) -> float:
+    return context.settings.loaded_duration if workload.loaded else context.settings.duration
 
 
 async def bench(context: Context, cluster: PostgresCluster) -> list[Row]:
@@ -311,8 +437,10 @@ async def bench(context: Context, cluster: PostgresCluster) -> list[Row]:
             "runs": runs,
             "zero_failures": workload.zero_failures,
             "goals": workload.goals,
+            "loaded": workload.loaded,
+            "duration_s": duration_of(context, workload),
         }
-        label = f"{workload.label} ({rounds} rounds of {context.settings.duration:g} s)"
+        label = f"{workload.label} ({rounds} rounds of {duration_of(context, workload):g} s)"
         for key, metric in CONTENTION_METRICS:
             reference = [run[key] for run in runs["reference"]]
             ours = [run[key] for run in runs["ours"]]
@@ -334,38 +462,101 @@ async def bench(context: Context, cluster: PostgresCluster) -> list[Row]:
 
 # -- goals ------------------------------------------------------------------------------------------------
 def goals(data: dict[str, typing.Any], goal: GoalSink) -> None:
-    """Issue 10's goals for each workload that has some."""
-    for entry in data.get("contention", {}).values():
-        if entry["goals"]:
-            contention_goals(entry, goal)
+    """Issue 17's goals for each workload that has some, each judged on the median over the rounds."""
+    if "contention" not in data:
+        return
+    entries: dict[str, typing.Any] = data["contention"]
+    yardstick = entries.get(YARDSTICK)
+    for entry in entries.values():
+        kind = entry["goals"]
+        if kind == "hot":
+            hot_goals(entry, yardstick, goal)
+        elif kind in {"spread", "rare"}:
+            against_reference_goals(entry, goal)
+        if kind:
+            failure_goal(entry, goal, no_more_than_reference=kind == "rare")
 
 
-def contention_goals(entry: dict[str, typing.Any], goal: GoalSink) -> None:
-    """Issue 10's goals for one workload, each judged on the median of the per-round ratios."""
+def ratios(entry: dict[str, typing.Any], key: str) -> list[float]:
+    """Ours / 0.8.4 in each round (the packages' runs of one round are paired)."""
     runs = entry["runs"]
+    return [ours[key] / ref[key] for ours, ref in zip(runs["ours"], runs["reference"], strict=True) if ref[key]]
 
-    def ratios(key: str) -> list[float]:
-        return [ours[key] / ref[key] for ours, ref in zip(runs["ours"], runs["reference"], strict=True) if ref[key]]
 
-    def spread(key: str) -> str:
-        found = ratios(key)
-        if not found:
-            return "—"
-        return f"{statistics.median(found):.2f} (rounds {min(found):.2f} to {max(found):.2f})"
+def medians(entry: dict[str, typing.Any], key: str) -> tuple[float, float]:
+    """The median over the rounds of ``key``: ours, 0.8.4's."""
+    runs = entry["runs"]
+    return statistics.median(run[key] for run in runs["ours"]), statistics.median(run[key] for run in runs["reference"])
 
-    def median_ratio(key: str) -> float:
-        found = ratios(key)
-        return statistics.median(found) if found else math.nan
+
+def judged(found: list[float], bound: float, *, at_least: bool) -> bool:
+    if not found:
+        return False
+    value = statistics.median(found)
+    return value >= bound if at_least else value <= bound
+
+
+UNITS: typing.Final = {"calls_per_s": "calls/s", "p50_ms": "ms", "p99_ms": "ms"}
+
+
+def against_reference(entry: dict[str, typing.Any], key: str, bound: float, *, at_least: bool) -> tuple[bool, str]:
+    """A goal on ours / 0.8.4: met or not, and the measured figures (ratio, its range, both medians)."""
+    from harness import fmt, ratio_summary  # noqa: PLC0415 - driver only
+
+    found = ratios(entry, key)
+    ours, reference = medians(entry, key)
+    detail = f"{ratio_summary(found)}; {fmt(ours)} vs {fmt(reference)} {UNITS[key]}"
+    return judged(found, bound, at_least=at_least), detail
+
+
+def hot_goals(entry: dict[str, typing.Any], yardstick: dict[str, typing.Any] | None, goal: GoalSink) -> None:
+    """Hot row: calls/s ≥ 1.0x the lone worker's (ours, this run), p99 ≤ 0.2x 0.8.4's."""
+    from harness import fmt, ratio_summary  # noqa: PLC0415 - driver only
 
     label = entry["label"]
-    goal(f"{label}: calls/s ≥ 1.0x", median_ratio("calls_per_s") >= 1.0, spread("calls_per_s"))
-    goal(f"{label}: p50 ≤ 1.1x", median_ratio("p50_ms") <= 1.1, spread("p50_ms"))
-    goal(f"{label}: p99 ≤ 0.2x", median_ratio("p99_ms") <= 0.2, spread("p99_ms"))
-    ours_failed = [run["failed"] for run in runs["ours"]]
-    ref_failed = [run["failed"] for run in runs["reference"]]
-    met = sum(ours_failed) <= sum(ref_failed) and (not entry["zero_failures"] or sum(ours_failed) == 0)
-    goal(
-        f"{label}: failed calls ≤ reference's" + (", and 0" if entry["zero_failures"] else ""),
-        met,
-        f"{ours_failed} vs {ref_failed} per round",
-    )
+    name = f"{label}: calls/s ≥ 1.0x the lone worker's ({YARDSTICK}, ours, this run)"
+    if yardstick is None:
+        goal(name, False, f"not measured: {YARDSTICK} was not run")  # noqa: FBT003 - the sink's signature
+    else:
+        lone = statistics.median(run["calls_per_s"] for run in yardstick["runs"]["ours"])
+        per_round = [run["calls_per_s"] / lone for run in entry["runs"]["ours"]] if lone else []
+        ours, _ = medians(entry, "calls_per_s")
+        goal(
+            name,
+            judged(per_round, 1.0, at_least=True),
+            f"{ratio_summary(per_round)}; {fmt(ours)} vs {fmt(lone)} calls/s (lone worker, median of rounds)",
+        )
+    met, detail = against_reference(entry, "p99_ms", 0.2, at_least=False)
+    goal(f"{label}: p99 ≤ 0.2x 0.8.4's", met, detail)
+
+
+def against_reference_goals(entry: dict[str, typing.Any], goal: GoalSink) -> None:
+    """Spread and rare: calls/s ≥ 1.0x, p50 ≤ 1.1x, p99 ≤ 0.2x 0.8.4's."""
+    label = entry["label"]
+    for key, text, bound, at_least in (
+        ("calls_per_s", "calls/s ≥ 1.0x", 1.0, True),
+        ("p50_ms", "p50 ≤ 1.1x", 1.1, False),
+        ("p99_ms", "p99 ≤ 0.2x", 0.2, False),
+    ):
+        met, detail = against_reference(entry, key, bound, at_least=at_least)
+        goal(f"{label}: {text}", met, detail)
+
+
+def failure_goal(entry: dict[str, typing.Any], goal: GoalSink, *, no_more_than_reference: bool) -> None:
+    """0 failed calls in every round (rare: also no more than 0.8.4's); the error classes when some failed."""
+    runs = entry["runs"]
+    ours = [run["failed"] for run in runs["ours"]]
+    reference = [run["failed"] for run in runs["reference"]]
+    met = sum(ours) == 0 and (not no_more_than_reference or sum(ours) <= sum(reference))
+    errors = sum((collections.Counter(run["errors"]) for run in runs["ours"]), collections.Counter())
+    detail = f"{ours} vs {reference} per round"
+    if errors:
+        detail += "; ours: " + ", ".join(f"{count}x {name}" for name, count in errors.most_common())
+    if entry.get("loaded"):
+        calls_per_s, reference_calls_per_s = medians(entry, "calls_per_s")
+        p99, reference_p99 = medians(entry, "p99_ms")
+        detail += (
+            f" (calls/s {calls_per_s:.0f} vs {reference_calls_per_s:.0f}, p99 {p99:.0f} vs {reference_p99:.0f} ms)"
+        )
+    text = "failed calls ≤ 0.8.4's, and 0" if no_more_than_reference else "0 failed calls"
+    goal(f"{entry['label']}: {text}", met, detail)

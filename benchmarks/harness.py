@@ -52,7 +52,8 @@ class Settings:
     overhead_iterations: int
     overhead_rounds: int
     connects: int
-    duration: float
+    duration: float  # seconds per contention round
+    loaded_duration: float  # seconds per round of a workload run under the CPU hog
     before_fault: float
     after_fault: float
     latency_transactions: int
@@ -69,6 +70,7 @@ class Settings:
                 overhead_rounds=5,
                 connects=5,
                 duration=2.0,
+                loaded_duration=2.0,
                 before_fault=0.5,
                 after_fault=3.0,
                 latency_transactions=200,
@@ -82,6 +84,7 @@ class Settings:
             overhead_rounds=9,
             connects=20,
             duration=8.0,
+            loaded_duration=6.0,
             before_fault=1.5,
             after_fault=5.0,
             latency_transactions=2000,
@@ -366,6 +369,41 @@ async def create_schema(node: PostgresNode) -> None:
         await node.execute(statement)
 
 
+HOG: typing.Final = (
+    "import os, time\n"
+    "parent, end = os.getppid(), time.monotonic() + {limit}\n"
+    "while os.getppid() == parent and time.monotonic() < end:\n"
+    "    for _ in range(200_000):\n"
+    "        pass\n"
+)
+
+
+@contextlib.contextmanager
+def cpu_hog(limit_s: float) -> typing.Iterator[list[int]]:
+    """One process per core spinning at full speed while the block runs; each killed by its PID and waited for.
+
+    A hog also ends on its own after ``limit_s`` seconds or as soon as this driver is gone (its parent changes),
+    so a driver killed with SIGKILL leaves nothing spinning on a shared machine.
+    """
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(os.cpu_count() or 1):
+            hogs.append(  # noqa: PERF401 - each one started (and so killed in `finally`) even if a later one fails
+                subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", HOG.format(limit=limit_s)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        yield [hog.pid for hog in hogs]
+    finally:
+        for hog in hogs:
+            hog.kill()  # by PID (Popen polls first, so never a recycled PID)
+        for hog in hogs:
+            hog.wait()
+
+
 # -- statistics --------------------------------------------------------------------------------------
 def percentile(values: typing.Sequence[float], q: float) -> float:
     """Nearest-rank percentile (p95 of 20 values is the 19th smallest)."""
@@ -377,6 +415,13 @@ def percentile(values: typing.Sequence[float], q: float) -> float:
 
 def ms(seconds: float) -> float:
     return seconds * 1000
+
+
+def ratio_summary(ratios: typing.Sequence[float]) -> str:
+    """The median of per-round ratios with their range: ``0.12 (rounds 0.11 to 0.12)``."""
+    if not ratios:
+        return "—"
+    return f"{statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})"
 
 
 # A goal as a scenario module reports it: its text, whether it was met, the measured figures.
