@@ -369,10 +369,12 @@ async def create_schema(node: PostgresNode) -> None:
         await node.execute(statement)
 
 
+# The driver's PID is written in, not read at start-up: a driver killed before a hog's first line would leave
+# it spinning under its new parent.
 HOG: typing.Final = (
     "import os, time\n"
-    "parent, end = os.getppid(), time.monotonic() + {limit}\n"
-    "while os.getppid() == parent and time.monotonic() < end:\n"
+    "end = time.monotonic() + {limit}\n"
+    "while os.getppid() == {parent} and time.monotonic() < end:\n"
     "    for _ in range(200_000):\n"
     "        pass\n"
 )
@@ -390,7 +392,7 @@ def cpu_hog(limit_s: float) -> typing.Iterator[list[int]]:
         for _ in range(os.cpu_count() or 1):
             hogs.append(  # noqa: PERF401 - each one started (and so killed in `finally`) even if a later one fails
                 subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", HOG.format(limit=limit_s)],
+                    [sys.executable, "-I", "-S", "-c", HOG.format(parent=os.getpid(), limit=limit_s)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
