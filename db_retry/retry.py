@@ -239,9 +239,9 @@ class _ServerTurns:
 
     __slots__ = ("calls", "cool_until", "key", "notify", "passed", "unrivalled", "until")
 
-    def __init__(self, key: int, notify: typing.Callable[[bool], None]) -> None:
+    def __init__(self, key: int, notify: typing.Callable[[], None]) -> None:
         self.key = key
-        self.notify = notify  # True when engaged (the decorator's "is it hot?" check must see it)
+        self.notify = notify  # when engaged: the decorator's "is it hot?" check must see it
         self.until = 0.0  # time.monotonic() at which the turns lapse unless the site contends again
         self.calls = 0  # first attempts while engaged, for picking probes
         self.passed = 0  # probes in a row that did not conflict
@@ -260,7 +260,7 @@ class _ServerTurns:
         self.until = now + _SERVER_HOLD
         self.passed = self.unrivalled = 0
         if not was:
-            self.notify(True)  # noqa: FBT003 - a callback's one argument
+            self.notify()
         return True
 
     def probe_due(self) -> bool:
@@ -477,11 +477,12 @@ class _CancelWatch:
     __slots__ = ("requested", "task")
 
     def __init__(self) -> None:
-        self.task = asyncio.current_task()
-        self.requested = self.task.cancelling() if self.task is not None else 0
+        # A retried call always runs in a task (``postgres_retry`` wraps coroutine functions only).
+        self.task = typing.cast("asyncio.Task[typing.Any]", asyncio.current_task())
+        self.requested = self.task.cancelling()
 
     def check(self) -> None:
-        if self.task is not None and self.task.cancelling() > self.requested:
+        if self.task.cancelling() > self.requested:
             msg = "db-retry: the call was cancelled while it was being retried"
             raise asyncio.CancelledError(msg)
 
@@ -544,12 +545,10 @@ class _Policy:
                 spot = self.spots[loop] = _HotSpot(self._mark_engaged, self.server)
         return spot
 
-    def _mark_server_turns(self, engaged: bool) -> None:  # noqa: FBT001 - the server turns' callback
+    def _mark_server_turns(self) -> None:
+        """The site takes turns on the server now; ``_forget_ended_loops`` drops the mark once they lapse."""
         with self.lock:
-            if engaged:
-                self.engaged[_SERVER_KEY] = None
-            else:
-                self.engaged.pop(_SERVER_KEY, None)
+            self.engaged[_SERVER_KEY] = None
 
     def _mark_engaged(self, engaged: bool) -> None:  # noqa: FBT001 - the hot spot's callback
         """The function became (or stopped being) a hot spot in the running loop."""

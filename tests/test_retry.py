@@ -20,7 +20,7 @@ import tenacity
 from advanced_alchemy.exceptions import RepositoryError, wrap_sqlalchemy_exception
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from db_retry import ErrorKind, RetryEvent, Transaction, postgres_retry, wait_for_error
+from db_retry import ErrorKind, RetryEvent, Transaction, postgres_retry, turns, wait_for_error
 from db_retry import retry as retry_module
 from db_retry.settings import SettingsError, get_settings
 
@@ -471,7 +471,7 @@ def _spot(
     uniform: collections.abc.Callable[[float, float], float] = lambda _, high: high,
 ) -> "tuple[retry_module._HotSpot, list[bool]]":
     notified: list[bool] = []  # the loop's own engagement (the server turns report theirs elsewhere)
-    server = retry_module._ServerTurns(0, lambda _: None)
+    server = retry_module._ServerTurns(0, lambda: None)
     return retry_module._HotSpot(notified.append, server, uniform=uniform), notified
 
 
@@ -732,7 +732,7 @@ def test_a_function_that_cools_down_in_a_loop_is_no_longer_hot_there(monkeypatch
             calls += 1
         return calls
 
-    # Probes that pass end the server turns (8 in a row); then each success raises the loop's limit, and once it
+    # Probes that pass, 32 in a row, end the server turns; then each success raises the loop's limit, and once it
     # binds nobody, it is lifted.
     assert retry_module._PROBES_PASSED < asyncio.run(cool_down()) < retry_module._PROBES_PASSED + 20
 
@@ -1212,3 +1212,90 @@ async def test_a_cancellation_swallowed_during_a_retry_that_then_succeeds_still_
         async with asyncio.timeout(0.1):
             await work()
     assert attempts == 2
+
+
+# -- turns on the server, as the decorator decides them (no server needed: no transaction asks for one) ----
+
+
+def _sitting_policy(work: collections.abc.Callable[..., typing.Any]) -> "retry_module._Policy":
+    policy: retry_module._Policy = inspect.getclosurevars(work).nonlocals["policy"]
+    return policy
+
+
+async def test_server_turns_begin_at_a_first_conflict_and_end_when_no_rival_is_ever_seen() -> None:
+    calls = 0
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise _Coded("40001")
+
+    policy = _sitting_policy(work)
+    await work()  # its first conflict: the site takes turns on the server, and the loop one call at a time
+    assert policy.server.active()
+    assert retry_module._SERVER_KEY in policy.engaged
+    rounds = 0
+    while policy.engaged and rounds < 100:  # nothing outside the loop ever holds the turn here
+        await work()
+        rounds += 1
+    # _UNRIVALLED transactions found no rival (probes ask for no turn), then one more call gave the loop its limit back
+    assert retry_module._UNRIVALLED < rounds < 2 * retry_module._UNRIVALLED
+    assert not policy.server.active()
+    assert policy.hot_spot().limit == float("inf")
+    assert not policy.server.contended()  # cooling down: the next conflict does not start them again
+
+
+async def test_probes_keep_the_turns_of_a_hot_site_and_end_those_of_spread_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(retry_module, "_UNRIVALLED", 10**9)  # rivals are seen: only probes decide here
+    probes_conflict = True
+    seen: list[str] = []
+
+    @postgres_retry(sleep=_no_sleep)
+    async def work() -> None:
+        probe = turns.requested.get() is None
+        seen.append("probe" if probe else "turn")
+        if probe and probes_conflict:
+            raise _Coded("40001")  # a probe loses to the turn running beside it: a hot row
+
+    policy = _sitting_policy(work)
+    policy.server.contended()
+    until = policy.server.until
+    for _ in range(retry_module._PROBE_EVERY):
+        await work()
+    assert seen.count("probe") == 1  # one first attempt in _PROBE_EVERY runs without a turn ...
+    assert seen[-1] == "turn"  # ... and its retry takes one
+    assert policy.server.until > until  # it lost: the turns go on
+    probes_conflict = False
+    for _ in range(retry_module._PROBE_EVERY * retry_module._PROBES_PASSED):
+        await work()
+    assert not policy.server.active()  # the probes passed, 32 in a row: spread rows, the turns end
+    assert not policy.server.contended()  # ... for the cooldown
+
+
+async def test_a_probe_that_fails_for_another_reason_raises_it() -> None:
+    @postgres_retry(sleep=_no_sleep)
+    async def work() -> None:
+        if turns.requested.get() is None:
+            raise ValueError("bug")
+
+    policy = _sitting_policy(work)
+    policy.server.contended()
+    policy.server.calls = retry_module._PROBE_EVERY - 1  # the next first attempt is a probe
+    with pytest.raises(ValueError, match="bug"):
+        await work()
+
+
+async def test_a_loop_that_was_a_hot_spot_before_the_server_turns_gets_its_own_limit_back_after() -> None:
+    spot, notified = _spot()
+    spot.limit = 4.0  # engaged in this loop already, four at a time
+    assert spot.server.contended()
+    spot.follow_server()
+    assert spot.limit == 1  # one call of this loop asks the server at a time
+    spot.server.until = 0.0  # the server turns lapsed
+    spot.follow_server()
+    assert spot.limit == 4  # the loop's own limit again, still engaged here
+    assert notified == []

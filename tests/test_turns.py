@@ -275,3 +275,100 @@ async def test_a_wait_for_a_turn_ends_at_the_calls_patience_and_at_its_cancellat
     finally:
         await engine.dispose()
     assert len(ran) == 2
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_call_with_no_patience_left_goes_ahead_without_a_turn_at_once(
+    counter: PostgresCluster, driver: str
+) -> None:
+    engine = create_async_engine(counter.primary.dsn(driver=driver), pool_size=2)
+    request = turns.TurnRequest(key=turns.site_key("tests", "no patience"), patience=0.0)
+    try:
+        async with _rival_holding(engine, request.key), engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            began = time.monotonic()
+            held = await connection.run_sync(
+                lambda sync: turns.take(raw, request, sync.dialect.paramstyle, time_left=None)
+            )
+            assert time.monotonic() - began < 0.5
+    finally:
+        await engine.dispose()
+    assert (held, request.waited, request.timed_out) == (False, 1, True)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_connection_lost_while_waiting_for_a_turn_is_discarded_and_the_call_retried(
+    counter: PostgresCluster, driver: str
+) -> None:
+    engine = create_async_engine(counter.primary.dsn(driver=driver), pool_size=2)
+    attempts: list[int] = []
+
+    @postgres_retry
+    async def read() -> int:
+        async with engine.begin() as connection:
+            attempts.append(int((await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()))
+            return int((await connection.execute(READ)).scalar_one())
+
+    policy = _policy_of(read)
+    try:
+        _take_turns(policy)
+        async with _rival_holding(engine, policy.server.key) as rival:
+            waiting = asyncio.ensure_future(read())
+            waiter = None
+            for _ in range(200):  # the call's backend waits on the turn's lock (its throwaway transaction)
+                waiter = await counter.primary.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%pg_advisory_xact_lock%'"
+                )
+                if waiter is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiter is not None
+            await counter.primary.execute(f"SELECT pg_terminate_backend({int(waiter)})")
+            await rival.execute(
+                sa.text("SELECT pg_advisory_unlock(:namespace, :key)"),
+                {"namespace": turns.NAMESPACE, "key": policy.server.key},
+            )
+            await rival.commit()
+            assert await asyncio.wait_for(waiting, 10) == 0
+    finally:
+        await engine.dispose()
+    assert waiter not in attempts  # the killed connection ran nothing of the work: it was discarded
+    assert len(attempts) == 1  # the work ran once, on a connection that got its turn
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_calls_second_connection_does_not_wait_for_the_turn_its_first_holds(
+    counter: PostgresCluster, driver: str
+) -> None:
+    engine = create_async_engine(counter.primary.dsn(driver=driver), pool_size=3)
+    seen: list[int] = []
+
+    @postgres_retry
+    async def both() -> None:
+        async with engine.begin() as first:
+            seen.append(await _held_by(first))
+            async with engine.begin() as second:  # at the same time: waiting for the first would never end
+                seen.append(await _held_by(second))
+        async with engine.begin() as after:  # after the first ended: this one asks again
+            seen.append(await _held_by(after))
+
+    try:
+        _take_turns(_policy_of(both))
+        began = time.monotonic()
+        await both()
+        assert time.monotonic() - began < 0.9  # no wait for its own turn (the patience is 1 s)
+    finally:
+        await engine.dispose()
+    assert seen == [1, 0, 1]
+
+
+async def _held_by(connection: sa.ext.asyncio.AsyncConnection) -> int:
+    found = await connection.execute(
+        sa.text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :namespace "
+            "AND pid = pg_backend_pid() AND granted"
+        ),
+        {"namespace": turns.NAMESPACE},
+    )
+    return int(found.scalar_one())
