@@ -168,16 +168,9 @@ def _policy_of(decorated: typing.Callable[..., typing.Any]) -> typing.Any:
 
 
 async def _turn_locks(engine: AsyncEngine) -> int:
-    """Advisory locks of db-retry's namespace this connection's backend holds, asked from inside the call."""
+    """Advisory locks of db-retry's namespace held by the backend of a new transaction, asked from inside the call."""
     async with engine.connect() as connection:
-        found = await connection.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :namespace "
-                "AND pid = pg_backend_pid() AND granted"
-            ),
-            {"namespace": turns.NAMESPACE},
-        )
-        return int(found.scalar_one())
+        return await _held_by(connection)
 
 
 @contextlib.asynccontextmanager
