@@ -464,11 +464,17 @@ def _begin_statement_failed(dbapi_connection: typing.Any, exc: BaseException) ->
     SQLAlchemy does not handle errors raised in its begin event: left alone, a connection the server closed
     would go back to the pool and be handed out again and again. It is discarded here; the error (a lost
     connection, a cancellation) propagates to the retry.
+
+    No statement of the caller has run yet: the drivers send the transaction's BEGIN with this, its first
+    statement. So a connection found lost or broken here (one that PgBouncer cut while its server restarted,
+    asyncpg's protocol left waiting on an error it was sent) is an attempt that never got a working
+    connection: it waits for one within ``DB_RETRY_OUTAGE_TIMEOUT``, as a refused connect does, and costs the
+    call none of its attempts. Likewise a standby's refusal of a SERIALIZABLE BEGIN (behind a proxy that
+    still leads to the old leader): wait for a writable node.
     """
-    if isinstance(exc, Exception) and _is_node_role_error(sqlstate_on_chain(exc), exc):
-        # The drivers send the transaction's BEGIN with its first statement, this one: a standby refuses a
-        # SERIALIZABLE BEGIN here (behind a proxy that still leads to the old leader). Wait for a writable
-        # node, as for the same refusal of any other statement.
+    if isinstance(exc, Exception) and (
+        _is_node_role_error(sqlstate_on_chain(exc), exc) or classify(exc) in (ErrorKind.OUTAGE, ErrorKind.UNAVAILABLE)
+    ):
         exc.db_retry_kind = ErrorKind.UNAVAILABLE  # type: ignore[attr-defined]
     dbapi_connection.invalidate(exc if isinstance(exc, Exception) else None)
 

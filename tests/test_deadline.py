@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from db_retry import CommitOutcomeUnknownError, Transaction, postgres_retry
+from db_retry import CommitOutcomeUnknownError, ErrorKind, RetryEvent, Transaction, postgres_retry
 from db_retry.testing import PostgresCluster, PostgresNode, faults
 from db_retry.testing.cluster import free_port
 from db_retry.testing.proxy import FrontendMessage, TcpProxy, query_starts_with
@@ -228,6 +228,55 @@ async def test_a_pooled_connection_the_server_closed_is_not_handed_out_again_und
     finally:
         await engine.dispose()
     assert await node.fetchval("SELECT count(*) FROM ledger") == 9
+
+
+STYLES: typing.Final = ("engine.begin()", "session.commit()", "session.begin()", "Transaction")
+
+
+async def _pay_in_style(engine: AsyncEngine, style: str) -> None:
+    statement, key = sa.text("INSERT INTO ledger VALUES (:key)"), {"key": uuid.uuid4()}
+    if style == "engine.begin()":
+        async with engine.begin() as connection:
+            await connection.execute(statement, key)
+        return
+    async with AsyncSession(engine) as session:
+        if style == "session.commit()":
+            await session.execute(statement, key)
+            await session.commit()
+        elif style == "session.begin()":
+            async with session.begin():
+                await session.execute(statement, key)
+        else:
+            async with Transaction(session=session) as transaction:
+                await transaction.session.execute(statement, key)
+                await transaction.commit()
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_pooled_connections_found_closed_at_begin_cost_the_call_no_attempt(
+    node: PostgresNode, driver: str, style: str
+) -> None:
+    # Under a deadline the transaction's first statement is db-retry's own (the time left, sent with BEGIN):
+    # a connection found lost there ran none of the caller's work, like a refused connect. CI saw calls
+    # behind PgBouncer spend their attempts on such connections while the server restarted, then fail on
+    # the next restart. Here a warm pool of 4 connections is closed by the server while idle: with 0.8.4's
+    # 3 attempts the call must still get through, to the fifth connection, a fresh one.
+    engine = create_async_engine(node.dsn(driver=driver), pool_size=4, max_overflow=0)
+    events: list[RetryEvent] = []
+    pay = postgres_retry(deadline=20, on_retry=events.append)(_pay_in_style)
+    try:
+        held = [await engine.connect() for _ in range(4)]
+        for connection in held:
+            await connection.execute(sa.text("SELECT 1"))
+            await connection.close()
+        await faults.terminate_backends(node)  # every pooled connection is closed by the server
+        await pay(engine, style)
+    finally:
+        await engine.dispose()
+    assert await node.fetchval("SELECT count(*) FROM ledger") == 1
+    assert len(events) == 4  # one per closed connection, each waited over, none counted
+    assert {event.kind for event in events} == {ErrorKind.UNAVAILABLE}
 
 
 async def test_a_cancellation_during_commit_or_the_first_query_of_a_connection_reaches_the_caller(
