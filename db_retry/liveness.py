@@ -204,7 +204,7 @@ class Watchdog:
             if wire.cut_at is not None:
                 if now >= wire.cut_at:
                     logger.info("%s:%s did not answer a ROLLBACK in time; cutting the connection", *wire.peer)
-                    wire.abort()
+                    self._cut(wire)
                 else:
                     dues.append(wire.cut_at)
                 continue
@@ -242,7 +242,12 @@ class Watchdog:
             extra={"db_retry_peer": f"{peer[0]}:{peer[1]}"},
         )
         for wire in cut:
-            wire.abort()
+            self._cut(wire)
+
+    def _cut(self, wire: Wire) -> None:
+        """Abort the connection at once; it is done with: the watchdog looks at it no more."""
+        wire.abort()
+        self.wires.discard(wire)
 
 
 QUICK: typing.Final = 1.0  # seconds a ROLLBACK may go unanswered before its connection is cut

@@ -241,12 +241,13 @@ async def _prepare(cluster: PatroniCluster, table: str) -> None:
     await cluster.wait_streaming()
     leader = await asyncio.to_thread(cluster.leader)
     await leader.node.execute(f"CREATE TABLE {table} (key uuid PRIMARY KEY, port int NOT NULL)")
-    for member in cluster.members:
+    async with asyncio.timeout(60):  # a member that never gets it fails here, not at the suite's timeout
+        for member in cluster.members:
 
-        async def replicated(member: PatroniMember = member) -> bool:
-            return bool(await member.node.fetchval("SELECT to_regclass($1) IS NOT NULL", table))
+            async def replicated(member: PatroniMember = member) -> bool:
+                return bool(await member.node.fetchval("SELECT to_regclass($1) IS NOT NULL", table))
 
-        await _until(replicated)
+            await _until(replicated)
 
 
 async def test_a_frozen_patroni_leader_mid_write_is_left_for_the_promoted_replica(patroni: PatroniCluster) -> None:

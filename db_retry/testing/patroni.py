@@ -315,9 +315,18 @@ class PatroniCluster(KitService):
             time.sleep(_POLL)
 
     def _all_streaming(self) -> bool:
+        """One running member leads and every other streams from it.
+
+        Exactly one: a leader thawed after a freeze still answers ``GET /primary`` until its Patroni notices
+        the lost leader key and demotes it, and with two "leaders" there is no replica to wait for. A table
+        created on it then was discarded by its rewind (a proof waited for that table until its timeout).
+        """
+        running = [member for member in self.members if member.process.pid is not None]
+        leaders = [member for member in running if member.is_leader]
         states = self.member_states()
-        replicas = [member for member in self.members if member.process.pid is not None and not member.is_leader]
-        return all(states.get(member.name) == "streaming" for member in replicas)
+        return len(leaders) == 1 and all(
+            states.get(member.name) == "streaming" for member in running if member not in leaders
+        )
 
     # -- discovery -------------------------------------------------------------
     def member_states(self, field: str = "state") -> dict[str, str]:
