@@ -222,6 +222,12 @@ async def test_the_watchdog_cuts_the_waits_on_a_silent_server_and_spares_an_answ
         quick.waiting(limit=0.0)
         dog._look(dog.generation)
         assert cut == ["silent", "quick"]
+        # A cut connection is done with: forgotten, never cut again (before, every look cut the ROLLBACK's
+        # again, and every probe of a silent server the connections of an engine nobody disposed).
+        assert waiting_on_silent not in dog.wires
+        assert quick not in dog.wires
+        dog._look(dog.generation)
+        assert cut == ["silent", "quick"]
         dog._look(dog.generation - 1)  # a superseded timer does nothing
         for wire in (waiting_on_silent, waiting_on_healthy, quick):
             wire.answered()
