@@ -12,6 +12,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from test_commit_markers import STYLES, _write  # one write per commit style, shared
 
 from db_retry import CommitOutcomeUnknownError, ErrorKind, RetryEvent, Transaction, postgres_retry
 from db_retry.testing import PostgresCluster, PostgresNode, faults
@@ -230,28 +231,6 @@ async def test_a_pooled_connection_the_server_closed_is_not_handed_out_again_und
     assert await node.fetchval("SELECT count(*) FROM ledger") == 9
 
 
-STYLES: typing.Final = ("engine.begin()", "session.commit()", "session.begin()", "Transaction")
-
-
-async def _pay_in_style(engine: AsyncEngine, style: str) -> None:
-    statement, key = sa.text("INSERT INTO ledger VALUES (:key)"), {"key": uuid.uuid4()}
-    if style == "engine.begin()":
-        async with engine.begin() as connection:
-            await connection.execute(statement, key)
-        return
-    async with AsyncSession(engine) as session:
-        if style == "session.commit()":
-            await session.execute(statement, key)
-            await session.commit()
-        elif style == "session.begin()":
-            async with session.begin():
-                await session.execute(statement, key)
-        else:
-            async with Transaction(session=session) as transaction:
-                await transaction.session.execute(statement, key)
-                await transaction.commit()
-
-
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_pooled_connections_found_closed_at_begin_cost_the_call_no_attempt(
@@ -262,19 +241,20 @@ async def test_pooled_connections_found_closed_at_begin_cost_the_call_no_attempt
     # behind PgBouncer spend their attempts on such connections while the server restarted, then fail on
     # the next restart. Here a warm pool of 4 connections is closed by the server while idle: with 0.8.4's
     # 3 attempts the call must still get through, to the fifth connection, a fresh one.
+    await node.execute("CREATE TABLE marker_payments (key uuid NOT NULL)")  # the table _write inserts into
     engine = create_async_engine(node.dsn(driver=driver), pool_size=4, max_overflow=0)
     events: list[RetryEvent] = []
-    pay = postgres_retry(deadline=20, on_retry=events.append)(_pay_in_style)
+    pay = postgres_retry(deadline=20, on_retry=events.append)(_write)
     try:
         held = [await engine.connect() for _ in range(4)]
         for connection in held:
             await connection.execute(sa.text("SELECT 1"))
             await connection.close()
         await faults.terminate_backends(node)  # every pooled connection is closed by the server
-        await pay(engine, style)
+        await pay(style, engine, uuid.uuid4(), lambda: None)
     finally:
         await engine.dispose()
-    assert await node.fetchval("SELECT count(*) FROM ledger") == 1
+    assert await node.fetchval("SELECT count(*) FROM marker_payments") == 1
     assert len(events) == 4  # one per closed connection, each waited over, none counted
     assert {event.kind for event in events} == {ErrorKind.UNAVAILABLE}
 
